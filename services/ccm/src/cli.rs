@@ -1,0 +1,130 @@
+//! The command line, declared with clap.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// ccm runs Cisco Modeling Labs lablets on a fleet of AWS EC2 workers: it places booked labs on
+/// workers (or grows the fleet in time), rewrites them with their ports, starts them on CML,
+/// hands them to assessment and grading, tears them down, and stops idle workers.
+#[derive(Debug, Parser)]
+#[command(name = "ccm", version, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole system on this machine: every service in one process, SQLite, in-process
+    /// coordination, a simulated cloud with CML simulators, and the web UI.
+    Dev(DevArgs),
+    /// Run one service (production: one process per container).
+    Serve {
+        /// Which service.
+        #[arg(value_enum)]
+        service: Service,
+    },
+    /// Replay a trace of bookings through the real scheduler and controller on a virtual clock.
+    Simulate {
+        /// Bookings to replay (JSON lines).
+        #[arg(long)]
+        trace: PathBuf,
+    },
+    /// Show the effective configuration.
+    Config {
+        /// What to show.
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Work with CML lab files offline: check port placeholders, rewrite ports.
+    Lab {
+        /// What to do.
+        #[command(subcommand)]
+        command: LabCommand,
+    },
+    /// Inspect the API contracts compiled into this binary.
+    Api {
+        /// What to show.
+        #[command(subcommand)]
+        command: ApiCommand,
+    },
+}
+
+/// Options of `ccm dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where the embedded store keeps its data.
+    #[arg(long, default_value = ".ccm-dev")]
+    pub data_dir: PathBuf,
+}
+
+/// The services `ccm serve` can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Service {
+    /// The single writer of state: public and internal gRPC APIs.
+    ControlPlane,
+    /// Leader-elected placement of booked instances.
+    Scheduler,
+    /// Leader-elected reconcilers and the autoscaler.
+    Controller,
+    /// HTTP/JSON, SSE, OIDC login and the web UI.
+    Gateway,
+}
+
+impl Service {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::ControlPlane => "control-plane",
+            Service::Scheduler => "scheduler",
+            Service::Controller => "controller",
+            Service::Gateway => "gateway",
+        }
+    }
+}
+
+/// `ccm config …`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration (defaults → file → environment → flags).
+    Print,
+}
+
+/// `ccm lab …`
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Check a lab file against a port template: every `${PORT_<NAME>}` placeholder names a port
+    /// and every port has a placeholder.
+    Validate {
+        /// The CML lab YAML file (`-` for standard input).
+        file: PathBuf,
+        /// A port of the template, by name (repeat for each port), e.g. `--port serial_1`.
+        #[arg(long = "port", value_name = "NAME")]
+        ports: Vec<String>,
+    },
+    /// Replace the port placeholders with port numbers and print the lab.
+    Rewrite {
+        /// The CML lab YAML file (`-` for standard input).
+        file: PathBuf,
+        /// A port assignment `NAME=PORT` (repeat for each port), e.g. `--port serial_1=5041`.
+        #[arg(long = "port", value_name = "NAME=PORT")]
+        ports: Vec<String>,
+        /// Write the result here instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+/// `ccm api …`
+#[derive(Debug, Subcommand)]
+pub enum ApiCommand {
+    /// List every RPC with its HTTP route and the roles it needs.
+    Routes {
+        /// Only this service (e.g. `InstanceService`).
+        #[arg(long)]
+        service: Option<String>,
+    },
+}
