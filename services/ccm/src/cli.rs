@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use ccm_control_plane::ControlPlaneArgs;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// ccm runs Cisco Modeling Labs lablets on a fleet of AWS EC2 workers: it places booked labs on
@@ -24,8 +25,8 @@ pub enum Command {
     /// Run one service (production: one process per container).
     Serve {
         /// Which service.
-        #[arg(value_enum)]
-        service: Service,
+        #[command(subcommand)]
+        service: ServeCommand,
     },
     /// Replay a trace of bookings through the real scheduler and controller on a virtual clock.
     Simulate {
@@ -61,6 +62,31 @@ pub struct DevArgs {
     pub data_dir: PathBuf,
 }
 
+/// `ccm serve …`
+#[derive(Debug, Subcommand)]
+pub enum ServeCommand {
+    /// The single writer of state: public and internal gRPC APIs.
+    ControlPlane(ControlPlaneArgs),
+    /// Leader-elected placement of booked instances.
+    Scheduler,
+    /// Leader-elected reconcilers and the autoscaler.
+    Controller,
+    /// HTTP/JSON, SSE, OIDC login and the web UI.
+    Gateway,
+}
+
+impl ServeCommand {
+    /// The service this runs.
+    pub fn service(&self) -> Service {
+        match self {
+            ServeCommand::ControlPlane(_) => Service::ControlPlane,
+            ServeCommand::Scheduler => Service::Scheduler,
+            ServeCommand::Controller => Service::Controller,
+            ServeCommand::Gateway => Service::Gateway,
+        }
+    }
+}
+
 /// The services `ccm serve` can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Service {
@@ -89,8 +115,9 @@ impl Service {
 /// `ccm config …`
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Print the effective configuration (defaults → file → environment → flags).
-    Print,
+    /// Print the effective configuration of the control plane (defaults → file → environment →
+    /// flags), secrets redacted.
+    Print(ControlPlaneArgs),
 }
 
 /// `ccm lab …`

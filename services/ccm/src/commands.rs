@@ -1,10 +1,11 @@
 //! What each subcommand does.
 
-use crate::cli::{Cli, Command, ConfigCommand};
+use crate::cli::{Cli, Command, ConfigCommand, ServeCommand};
 use crate::error::CliError;
 
 mod api;
 mod lab;
+mod serve;
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<(), CliError> {
@@ -14,9 +15,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             what: "it will run the control plane, scheduler, controller and gateway in one \
                    process on SQLite with a simulated fleet and the web UI",
         }),
+        Command::Serve {
+            service: ServeCommand::ControlPlane(args),
+        } => serve::control_plane(&args),
         Command::Serve { service } => Err(CliError::NotAvailableYet {
-            command: format!("serve {}", service.name()),
-            what: "the services are being built on the contracts and domain core in this build",
+            command: format!("serve {}", service.service().name()),
+            what: "this service is being built on the control plane in this build",
         }),
         Command::Simulate { .. } => Err(CliError::NotAvailableYet {
             command: "simulate".into(),
@@ -24,11 +28,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                    virtual clock",
         }),
         Command::Config {
-            command: ConfigCommand::Print,
-        } => Err(CliError::NotAvailableYet {
-            command: "config print".into(),
-            what: "configuration arrives with the services",
-        }),
+            command: ConfigCommand::Print(args),
+        } => {
+            let config = ccm_control_plane::ControlPlaneConfig::load(&args)?;
+            print!("{}", config.effective_toml());
+            Ok(())
+        }
         Command::Lab { command } => lab::run(command),
         Command::Api { command } => api::run(command),
     }

@@ -8,6 +8,10 @@ pub const EXIT_USAGE: u8 = 64;
 pub const EXIT_DATA: u8 = 65;
 /// Exit code for a feature this build does not provide yet (EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit code for an internal failure of a running service (EX_SOFTWARE).
+pub const EXIT_SOFTWARE: u8 = 70;
+/// Exit code for a configuration error (EX_CONFIG).
+pub const EXIT_CONFIG: u8 = 78;
 /// Exit code for a file that cannot be read or written (EX_IOERR).
 pub const EXIT_IO: u8 = 74;
 
@@ -36,6 +40,12 @@ pub enum CliError {
     /// The input breaks a domain rule.
     #[error(transparent)]
     Domain(#[from] ccm_core::CoreError),
+    /// A service failed to start or stopped with an error.
+    #[error(transparent)]
+    Service(#[from] ccm_control_plane::ControlPlaneError),
+    /// The async runtime could not be started.
+    #[error("starting the runtime: {0}")]
+    Runtime(std::io::Error),
     /// The compiled-in contracts could not be read.
     #[error("contracts: {0}")]
     Contracts(String),
@@ -49,6 +59,8 @@ impl CliError {
             CliError::Usage(_) => EXIT_USAGE,
             CliError::Io { .. } => EXIT_IO,
             CliError::Domain(_) | CliError::Contracts(_) => EXIT_DATA,
+            CliError::Service(e) if e.is_config() => EXIT_CONFIG,
+            CliError::Service(_) | CliError::Runtime(_) => EXIT_SOFTWARE,
         }
     }
 

@@ -53,12 +53,10 @@ fn help_lists_every_subcommand() {
 fn unbuilt_subcommands_say_so_and_exit_69() {
     for args in [
         &["dev"][..],
-        &["serve", "control-plane"],
         &["serve", "scheduler"],
         &["serve", "controller"],
         &["serve", "gateway"],
         &["simulate", "--trace", "x.jsonl"],
-        &["config", "print"],
     ] {
         let o = ccm(args);
         assert_eq!(o.status.code(), Some(69), "{args:?}");
@@ -72,10 +70,56 @@ fn unbuilt_subcommands_say_so_and_exit_69() {
 }
 
 #[test]
+fn config_print_shows_every_value_and_where_it_came_from() {
+    let o = Command::new(env!("CARGO_BIN_EXE_ccm"))
+        .args([
+            "config",
+            "print",
+            "--insecure-no-auth",
+            "--listen-addr",
+            "127.0.0.1:6000",
+        ])
+        .env("CCM_CONCURRENCY_LIMIT", "7")
+        .output()
+        .expect("runs");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains(r#"listen_addr = "127.0.0.1:6000"  # flag --listen-addr"#),
+        "{out}"
+    );
+    assert!(
+        out.contains("concurrency_limit = 7  # environment variable CCM_CONCURRENCY_LIMIT"),
+        "{out}"
+    );
+    assert!(out.contains(r#"backend = "sqlite"  # default"#), "{out}");
+}
+
+#[test]
+fn serving_without_an_issuer_is_a_configuration_error() {
+    let o = ccm(&["config", "print"]);
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    assert!(stderr(&o).contains("auth.issuer_url"), "{}", stderr(&o));
+    let o = ccm(&[
+        "serve",
+        "control-plane",
+        "--listen-addr",
+        "not-an-address",
+        "--insecure-no-auth",
+    ]);
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    assert!(stderr(&o).contains("listen_addr"), "{}", stderr(&o));
+}
+
+#[test]
 fn unknown_service_is_a_usage_error() {
     let o = ccm(&["serve", "database"]);
     assert_eq!(o.status.code(), Some(2), "clap's usage exit code");
-    assert!(stderr(&o).contains("control-plane"));
+    assert!(
+        stderr(&o).contains("unrecognized subcommand 'database'"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

@@ -10,7 +10,7 @@
 
 use std::hint::black_box;
 
-use ccm_core::capacity::CapacityTimeline;
+use ccm_core::capacity::{CapacityTimeline, millis};
 use ccm_core::fleet::{FleetSnapshot, PlacementRequest, WorkerSnapshot};
 use ccm_core::model::{AmiRequirement, Capacity, LicenseType, PortRange, TimeSlot, WorkerState};
 use ccm_core::placement::{BinPack, place, place_batch};
@@ -212,7 +212,8 @@ fn bench_batch(c: &mut Criterion) {
 }
 
 /// The parts of one decision over 1,000 workers, to see where the time goes: the capacity
-/// check alone (`CapacityTimeline::check` on every worker) and the check plus the score.
+/// check alone (`CapacityTimeline::check` on every worker, converting the window each time, and
+/// `check_ms` with the window converted once) and the check plus the score.
 fn bench_parts(c: &mut Criterion) {
     let mut group = c.benchmark_group("parts_1000");
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
@@ -221,18 +222,30 @@ fn bench_parts(c: &mut Criterion) {
     group.bench_function("timeline_check_only", |b| {
         b.iter(|| {
             let mut ok = 0u32;
-            for w in &black_box(&fleet).workers {
+            for w in black_box(&fleet).workers() {
                 ok += u32::from(w.timeline.check(&req.demand, &req.window).is_ok());
+            }
+            ok
+        })
+    });
+    group.bench_function("timeline_check_ms_only", |b| {
+        b.iter(|| {
+            let window = black_box(&req.window);
+            let (start, end) = (millis(window.start), millis(window.end));
+            let mut ok = 0u32;
+            for w in black_box(&fleet).workers() {
+                ok += u32::from(w.timeline.check_ms(&req.demand, start, end).is_ok());
             }
             ok
         })
     });
     group.bench_function("timeline_check_and_score", |b| {
         b.iter(|| {
+            let fleet = black_box(&fleet);
             let mut best = 0.0f64;
-            for w in &black_box(&fleet).workers {
+            for (s, w) in fleet.summaries().iter().zip(fleet.workers()) {
                 if let Ok(peak) = w.timeline.check(&req.demand, &req.window) {
-                    best = best.max(ccm_core::placement::Scorer::score(&BinPack, w, &peak));
+                    best = best.max(ccm_core::placement::Scorer::score(&BinPack, s, &peak));
                 }
             }
             best

@@ -59,16 +59,19 @@
 //!
 //! ## Fit checks
 //!
-//! "Does this demand fit that worker" is checked here by a private helper: licence ∈ affinity,
-//! nested virtualisation, node limit, free ports, AMI requirements and
-//! [`CapacityTimeline::check`] over the request's window (clamped to start at `now`). It mirrors
-//! the placement filters (domain.md §5); once `placement` exposes its filter as a public
-//! predicate, this helper should call it for real workers.
+//! "Does this demand fit that worker" is placement's own check, [`check_fit`]: every placement
+//! filter but the worker's state (licence ∈ affinity, node limit, AMI requirements, nested
+//! virtualisation, capacity over the request's window — clamped to start at `now` — and free
+//! ports), on the worker's [`WorkerSummary`] with the free ports left after what this plan already
+//! packed onto it. A worker to be created is a [`WorkerSummary::of_template`] with an empty
+//! timeline; [`template_rejection`] is the same check, explained.
 //!
-//! AMI requirements against a *template* compare two globs ([`ami_pattern_compatible`]); against
-//! a worker that reports its AMI name, the requirement's glob is matched against the name and its
-//! `min_version` against the reported CML version. A template cannot be checked against
-//! `min_version` (its AMI is only known once a worker boots), so that part is left to placement.
+//! Only the AMI part differs, because a worker that is not RUNNING may not know its image yet. A
+//! RUNNING worker gets placement's AMI filters exactly ([`ami_check`]). Otherwise a known AMI name
+//! is matched by the requirement's glob and a known CML version against its `min_version`; an
+//! unknown name is judged by comparing the requirement's glob with the template's `ami_pattern`
+//! ([`ami_pattern_compatible`]), and an unknown version passes (a template's version is only known
+//! once a worker boots; placement checks it then).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -82,8 +85,13 @@ use crate::defaults::{
     MIN_UNREADY_WORKERS_TO_HALT, SCALE_DOWN_GRACE_MINUTES, SCALE_UP_LOOKAHEAD_MINUTES,
     STOPPED_WORKER_RETENTION_HOURS, UNREADY_AFTER_MINUTES, WORKER_RESTART_MINUTES,
 };
-use crate::fleet::{FleetSnapshot, PlacementRequest, WorkerSnapshot};
-use crate::model::{Capacity, Dimension, LicenseType, TimeWindow, WorkerState, WorkerTemplate};
+use crate::fleet::{FleetSnapshot, PlacementRequest, WorkerSnapshot, WorkerSummary};
+use crate::model::{
+    Capacity, LicenseType, TimeWindow, WorkerState, WorkerTemplate, licence_list, saturating_u32,
+};
+use crate::placement::{
+    RejectReason, ami_check, ami_name_check, ami_version_check, check_fit, glob_match,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Policy
@@ -351,59 +359,74 @@ pub fn select_template<'t>(
 
 /// Why a new worker of `template` could not serve `request`, or `None` when it could.
 ///
-/// Checked in order: licence ∈ affinity, node limit (licence-capped) ≥ node count, capacity ≥
-/// demand, nested virtualisation (only `*.metal*` instance types have it), enough ports in the
-/// range, and every AMI requirement compatible with the template's `ami_pattern`
-/// ([`ami_pattern_compatible`]).
+/// The placement filters ([`check_fit`]) on an empty worker as the template would make it
+/// ([`WorkerSummary::of_template`]), so the rules are placement's, in placement's order: licence
+/// ∈ affinity (empty = any), node limit (licence-capped) ≥ node count, every AMI requirement
+/// compatible with the template's `ami_pattern` ([`ami_pattern_compatible`]), nested
+/// virtualisation ([`WorkerTemplate::nested_virt`]), capacity ≥ demand, and enough ports in the
+/// range.
 pub fn template_rejection(template: &WorkerTemplate, request: &PlacementRequest) -> Option<String> {
-    if !request.license_affinity.contains(&template.license_type) {
-        return Some(format!(
-            "licence {} not in the affinity {}",
-            template.license_type,
-            affinity_text(&request.license_affinity)
-        ));
-    }
-    let declared = template.declared_capacity();
-    if request.demand.nodes > declared.nodes {
-        return Some(format!(
-            "needs {} nodes, node limit {} ({})",
-            request.demand.nodes, declared.nodes, template.license_type
-        ));
-    }
-    if let Some(d) = request.demand.first_excess(&declared) {
-        return Some(format!(
+    let worker = WorkerSummary::of_template(template, WorkerState::Pending);
+    let empty = CapacityTimeline::new(worker.declared);
+    let ami = template_ami_check(template, request);
+    let reason = check_fit(&worker, &empty, ami, request, &request.window).err()?;
+    Some(match reason {
+        RejectReason::LicenceAffinity { licence } => format!(
+            "licence {licence} not in the affinity {}",
+            licence_list(&request.license_affinity)
+        ),
+        RejectReason::LicenceNodeLimit { licence, limit } => format!(
+            "needs {} nodes, node limit {limit} ({licence})",
+            request.demand.nodes
+        ),
+        RejectReason::Insufficient { dimension } => format!(
             "needs {} {}, a worker has {}",
-            request.demand.get(d),
-            dimension_unit(d),
-            declared.get(d)
-        ));
-    }
-    if request.nested_virt && !instance_type_is_metal(&template.instance_type) {
-        return Some(format!(
-            "needs nested virtualisation, instance type {} is not metal",
+            request.demand.get(dimension),
+            dimension.unit(),
+            worker.declared.get(dimension)
+        ),
+        RejectReason::NestedVirt => format!(
+            "needs nested virtualisation, instance type {} has none",
             template.instance_type
-        ));
-    }
-    if request.port_names.len() > template.port_range.len() {
-        return Some(format!(
+        ),
+        RejectReason::InsufficientPorts => format!(
             "needs {} ports, the port range {}-{} holds {}",
             request.port_names.len(),
             template.port_range.start,
             template.port_range.end,
             template.port_range.len()
-        ));
-    }
-    if let Some(r) = request
+        ),
+        RejectReason::AmiPattern | RejectReason::AmiVersion => {
+            let pattern = request
+                .ami_requirements
+                .iter()
+                .find(|r| !ami_pattern_compatible(&r.name_pattern, &template.ami_pattern))
+                .map_or("", |r| r.name_pattern.as_str());
+            format!(
+                "AMI requirement {pattern:?} is not compatible with ami_pattern {:?}",
+                template.ami_pattern
+            )
+        }
+        other => other.to_string(),
+    })
+}
+
+/// The AMI filters for a worker of `template` whose image is not known yet: every requirement's
+/// name pattern must be compatible with the template's `ami_pattern`; minimum versions cannot be
+/// judged before the worker runs and are left to placement.
+fn template_ami_check(
+    template: &WorkerTemplate,
+    request: &PlacementRequest,
+) -> Result<(), RejectReason> {
+    if request
         .ami_requirements
         .iter()
-        .find(|r| !ami_pattern_compatible(&r.name_pattern, &template.ami_pattern))
+        .all(|r| ami_pattern_compatible(&r.name_pattern, &template.ami_pattern))
     {
-        return Some(format!(
-            "AMI requirement {:?} is not compatible with ami_pattern {:?}",
-            r.name_pattern, template.ami_pattern
-        ));
+        Ok(())
+    } else {
+        Err(RejectReason::AmiPattern)
     }
-    None
 }
 
 /// Whether a definition's AMI name glob can be satisfied by a template's AMI glob.
@@ -417,38 +440,6 @@ pub fn ami_pattern_compatible(requirement_pattern: &str, template_pattern: &str)
         || requirement_pattern == "*"
         || template_pattern == "*"
         || glob_match(requirement_pattern, template_pattern)
-}
-
-/// `*` matches any sequence, `?` any one character; everything else matches itself.
-fn glob_match(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    let (mut pi, mut ti) = (0usize, 0usize);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ti));
-            pi += 1;
-        } else if let Some((sp, st)) = star {
-            pi = sp + 1;
-            ti = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|c| *c == '*')
-}
-
-/// Metal instance types (`m5zn.metal`, `c7i.metal-24xl`) are the ones with nested virtualisation
-/// (constraint C-1).
-fn instance_type_is_metal(instance_type: &str) -> bool {
-    instance_type
-        .rsplit_once('.')
-        .is_some_and(|(_, size)| size.starts_with("metal"))
 }
 
 fn template_preference(t: &WorkerTemplate) -> (LicenseType, [u32; 4], &str) {
@@ -475,7 +466,7 @@ pub fn halt_reason(
     policy: &AutoscalePolicy,
 ) -> Option<String> {
     let mut managed: Vec<&WorkerSnapshot> = fleet
-        .workers
+        .workers()
         .iter()
         .filter(|w| w.template_name.is_some() && w.state != WorkerState::Terminated)
         .collect();
@@ -630,13 +621,11 @@ struct Bin<'a> {
     worker_id: Option<&'a str>,
     template: &'a str,
     template_ref: Option<&'a WorkerTemplate>,
-    license: LicenseType,
-    node_limit: u32,
-    nested_virt: bool,
+    /// What the placement filters read; `free_ports` goes down as demand is taken.
+    summary: WorkerSummary,
     ami_name: Option<&'a str>,
     cml_version: Option<&'a str>,
     timeline: CapacityTimeline,
-    free_ports: usize,
     served: Vec<&'a PlacementRequest>,
     state: Option<WorkerState>,
     state_since: DateTime<Utc>,
@@ -649,13 +638,10 @@ impl<'a> Bin<'a> {
             worker_id: Some(w.id.as_str()),
             template,
             template_ref: t,
-            license: w.license_type,
-            node_limit: w.node_limit,
-            nested_virt: w.nested_virt,
+            summary: WorkerSummary::of(w, 0),
             ami_name: w.ami_name.as_deref(),
             cml_version: w.cml_version.as_deref(),
             timeline: w.timeline.clone(),
-            free_ports: w.ports.free_count(),
             served: Vec::new(),
             state: Some(w.state),
             state_since: w.state_since,
@@ -668,13 +654,10 @@ impl<'a> Bin<'a> {
             worker_id: None,
             template: t.name.as_str(),
             template_ref: Some(t),
-            license: t.license_type,
-            node_limit: t.node_limit(),
-            nested_virt: instance_type_is_metal(&t.instance_type),
+            summary: WorkerSummary::of_template(t, WorkerState::Pending),
             ami_name: None,
             cml_version: None,
             timeline: CapacityTimeline::new(t.declared_capacity()),
-            free_ports: t.port_range.len(),
             served: Vec::new(),
             state: None,
             state_since: now,
@@ -682,35 +665,42 @@ impl<'a> Bin<'a> {
         }
     }
 
-    fn ami_ok(&self, req: &PlacementRequest) -> bool {
-        req.ami_requirements.iter().all(|r| {
-            let name_ok = match (self.ami_name, self.template_ref) {
-                (Some(name), _) => r.name_pattern.is_empty() || glob_match(&r.name_pattern, name),
-                (None, Some(t)) => ami_pattern_compatible(&r.name_pattern, &t.ami_pattern),
-                (None, None) => false,
-            };
-            let version_ok = match (&r.min_version, self.cml_version) {
-                (Some(min), Some(observed)) => min.is_satisfied_by(observed),
-                _ => true,
-            };
-            name_ok && version_ok
-        })
+    /// The AMI filters. A RUNNING worker gets exactly placement's ([`ami_check`]): the scheduler
+    /// will apply them. A worker still to boot may not report its image yet: an unknown AMI name
+    /// is judged by its template's `ami_pattern` ([`template_ami_check`]; refused without a
+    /// template) and an unknown CML version passes, to be checked by placement once it runs.
+    fn ami_check(&self, req: &PlacementRequest) -> Result<(), RejectReason> {
+        let reqs = &req.ami_requirements;
+        if self.state == Some(WorkerState::Running) {
+            return ami_check(reqs, self.ami_name, self.cml_version);
+        }
+        match (self.ami_name, self.template_ref) {
+            (None, Some(t)) => template_ami_check(t, req)?,
+            (name, _) => ami_name_check(reqs, name)?,
+        }
+        match self.cml_version {
+            Some(v) => ami_version_check(reqs, Some(v)),
+            None => Ok(()),
+        }
     }
 
+    /// Placement's filters but the state ([`check_fit`]), over the demand's clamped window.
     fn accepts(&self, d: &Demand<'_>) -> bool {
-        let req = d.req;
-        req.license_affinity.contains(&self.license)
-            && (!req.nested_virt || self.nested_virt)
-            && req.demand.nodes <= self.node_limit
-            && req.port_names.len() <= self.free_ports
-            && self.ami_ok(req)
-            && self.timeline.fits(&req.demand, &d.window)
+        check_fit(
+            &self.summary,
+            &self.timeline,
+            self.ami_check(d.req),
+            d.req,
+            &d.window,
+        )
+        .is_ok()
     }
 
     fn take(&mut self, d: &Demand<'a>) {
         self.timeline
             .insert(d.req.instance_id.clone(), d.window, d.req.demand);
-        self.free_ports = self.free_ports.saturating_sub(d.req.port_names.len());
+        let ports = saturating_u32(d.req.port_names.len());
+        self.summary.free_ports = self.summary.free_ports.saturating_sub(ports);
         self.served.push(d.req);
     }
 
@@ -729,7 +719,7 @@ impl<'a> Ctx<'a> {
         }
         let mut managed: Vec<&'a WorkerSnapshot> = input
             .fleet
-            .workers
+            .workers()
             .iter()
             .filter(|w| w.template_name.is_some())
             .collect();
@@ -1188,7 +1178,7 @@ impl<'a> Ctx<'a> {
                     action: ScalingAction::ScaleUp,
                     template: Some(name.to_string()),
                     worker_id: None,
-                    count: to_u32(real.len()),
+                    count: saturating_u32(real.len()),
                     reason,
                     code: codes::SCALE_UP_DEMAND,
                     instances: ids,
@@ -1201,7 +1191,7 @@ impl<'a> Ctx<'a> {
                     action: ScalingAction::Wait,
                     template: Some(name.to_string()),
                     worker_id: None,
-                    count: to_u32(bins.len()),
+                    count: saturating_u32(bins.len()),
                     reason: format!(
                         "{} pending instance(s) need {} more worker(s) of template {}, not requested: {}",
                         ids.len(),
@@ -1310,7 +1300,7 @@ impl<'a> Ctx<'a> {
                     action: ScalingAction::ScaleUp,
                     template: Some(name.to_string()),
                     worker_id: None,
-                    count: to_u32(allowed),
+                    count: saturating_u32(allowed),
                     reason,
                     code: codes::SCALE_UP_MIN_WARM,
                     instances: Vec::new(),
@@ -1321,7 +1311,7 @@ impl<'a> Ctx<'a> {
                     action: ScalingAction::Wait,
                     template: Some(name.to_string()),
                     worker_id: None,
-                    count: to_u32(deficit - allowed),
+                    count: saturating_u32(deficit - allowed),
                     reason: format!(
                         "{warm_text}; {} more worker(s) not requested: {}",
                         deficit - allowed,
@@ -1476,24 +1466,6 @@ fn size(c: &Capacity, norm: &[u32; 4]) -> f64 {
         .sum()
 }
 
-fn to_u32(n: usize) -> u32 {
-    u32::try_from(n).unwrap_or(u32::MAX)
-}
-
-fn affinity_text(a: &[LicenseType]) -> String {
-    let names: Vec<&str> = a.iter().map(|l| l.as_str()).collect();
-    format!("[{}]", names.join(", "))
-}
-
-fn dimension_unit(d: Dimension) -> &'static str {
-    match d {
-        Dimension::Cpu => "CPU cores",
-        Dimension::Memory => "GiB memory",
-        Dimension::Storage => "GiB storage",
-        Dimension::Nodes => "nodes",
-    }
-}
-
 fn fmt_time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%MZ").to_string()
 }
@@ -1514,17 +1486,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn glob_matches_stars_and_question_marks() {
-        assert!(glob_match("CML-2.9.*", "CML-2.9.1-ami"));
-        assert!(glob_match("CML-?.9*", "CML-2.9"));
-        assert!(glob_match("*", ""));
-        assert!(glob_match("a*b*c", "axxbyyc"));
-        assert!(!glob_match("CML-2.9.*", "CML-2.8.0"));
-        assert!(!glob_match("a*b", "axxbc"));
-        assert!(!glob_match("", "x"));
-    }
-
-    #[test]
     fn ami_globs_compare_as_documented() {
         assert!(ami_pattern_compatible("CML-2.*", "CML-2.9.*"));
         assert!(ami_pattern_compatible("CML-2.9.*", "CML-2.9.*"));
@@ -1533,14 +1494,6 @@ mod tests {
         assert!(ami_pattern_compatible("", "CML-2.9.*"));
         assert!(!ami_pattern_compatible("CML-2.9.*", "CML-2.*"));
         assert!(!ami_pattern_compatible("CML-2.8.*", "CML-2.9.*"));
-    }
-
-    #[test]
-    fn only_metal_instance_types_nest() {
-        assert!(instance_type_is_metal("m5zn.metal"));
-        assert!(instance_type_is_metal("c7i.metal-24xl"));
-        assert!(!instance_type_is_metal("m5.24xlarge"));
-        assert!(!instance_type_is_metal("metal"));
     }
 
     #[test]

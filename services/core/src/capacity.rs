@@ -9,12 +9,15 @@
 //! ## How the peak is computed
 //!
 //! Use is a step function that only rises at a booking's start, so its maximum over a window is
-//! reached at the window start or at the start of a booking inside the window. Bookings are kept
-//! sorted by start, and the timeline remembers its longest booking, so the bookings that can
-//! overlap a window are one contiguous slice found by two binary searches. A sweep over that slice
-//! with a small set of "still active" bookings gives the per-dimension peak. Typical workers hold a
-//! handful of bookings near any window, so a check costs tens of nanoseconds and allocates nothing
-//! (see `docs/benchmarks.md`).
+//! reached at the window start or at the start of a booking inside the window. Booking starts are
+//! kept sorted (as Unix milliseconds, in an array of their own), and the timeline remembers its
+//! longest booking, so the bookings that can overlap a window are one contiguous slice: its end is
+//! a binary search over the starts, its beginning a short walk back. No booking there (the usual
+//! case for most workers of a large fleet) or one booking is answered at once; more are swept with
+//! a small inline set of "still active" bookings, falling back to a sorted event list past
+//! eight concurrent bookings. A check allocates nothing in the usual cases and costs
+//! tens of nanoseconds. [`CapacityTimeline::check_ms`] takes the window in milliseconds, for
+//! callers that check one window against many timelines.
 //!
 //! Ports are not a time-sliced resource: they are allocated at placement and held until the
 //! instance is terminated (ADR-004), so they live in [`crate::ports::PortAllocator`].
@@ -24,8 +27,9 @@ use chrono::{DateTime, Utc};
 use crate::model::{Capacity, Dimension, TimeWindow};
 
 /// Above this many bookings active at once inside one window the sweep switches from an inline
-/// array to a heap-allocated event list. Only pathological timelines get there.
-const INLINE_ACTIVE: usize = 32;
+/// array to a heap-allocated event list. Typical workers hold a handful of bookings near any
+/// window; a small buffer keeps the per-check set-up (it is zero-filled) cheap.
+const INLINE_ACTIVE: usize = 8;
 
 /// One booking of a worker's capacity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,10 +53,10 @@ pub struct Shortfall {
     pub available: u32,
 }
 
-/// Hot data of one booking: 32 bytes, times as Unix milliseconds.
+/// Hot data of one booking but its start (kept apart in `starts` for the binary searches): its
+/// end as Unix milliseconds and its use, 24 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Span {
-    from: i64,
     to: i64,
     usage: [u32; 4],
 }
@@ -61,14 +65,18 @@ struct Span {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CapacityTimeline {
     declared: Capacity,
-    /// Sorted by `from`; `ids[i]` owns `spans[i]`.
+    /// Booking starts as Unix milliseconds, sorted; `starts[i]`, `spans[i]` and `ids[i]` are one
+    /// booking.
+    starts: Vec<i64>,
     spans: Vec<Span>,
     ids: Vec<String>,
-    /// Length of the longest span, to bound the search for overlaps.
+    /// Length of the longest booking, to bound the search for overlaps.
     max_len: i64,
 }
 
-fn millis(t: DateTime<Utc>) -> i64 {
+/// `t` as Unix milliseconds, the unit of [`CapacityTimeline::check_ms`].
+#[inline]
+pub fn millis(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 
@@ -92,12 +100,12 @@ impl CapacityTimeline {
 
     /// Number of bookings.
     pub fn len(&self) -> usize {
-        self.spans.len()
+        self.starts.len()
     }
 
     /// `true` when nothing is booked.
     pub fn is_empty(&self) -> bool {
-        self.spans.is_empty()
+        self.starts.is_empty()
     }
 
     /// Adds a booking without checking that it fits.
@@ -105,15 +113,18 @@ impl CapacityTimeline {
     /// For loading what the store already holds (the store is authoritative, even when an
     /// operator shrank a template). New placements go through [`CapacityTimeline::try_book`].
     pub fn insert(&mut self, instance_id: impl Into<String>, window: TimeWindow, usage: Capacity) {
-        let span = Span {
-            from: millis(window.start),
-            to: millis(window.end),
-            usage: usage.as_array(),
-        };
-        let at = self.spans.partition_point(|s| s.from <= span.from);
-        self.spans.insert(at, span);
+        let (from, to) = (millis(window.start), millis(window.end));
+        let at = self.starts.partition_point(|&s| s <= from);
+        self.starts.insert(at, from);
+        self.spans.insert(
+            at,
+            Span {
+                to,
+                usage: usage.as_array(),
+            },
+        );
         self.ids.insert(at, instance_id.into());
-        self.max_len = self.max_len.max(span.to - span.from);
+        self.max_len = self.max_len.max(to - from);
     }
 
     /// Adds a booking if it fits across its whole window; returns the peak use after it.
@@ -131,16 +142,19 @@ impl CapacityTimeline {
     /// Removes the booking of `instance_id`, returning it.
     pub fn release(&mut self, instance_id: &str) -> Option<Booking> {
         let i = self.ids.iter().position(|id| id == instance_id)?;
+        let from = self.starts.remove(i);
         let span = self.spans.remove(i);
         let id = self.ids.remove(i);
-        if span.to - span.from == self.max_len {
-            self.max_len = self.spans.iter().map(|s| s.to - s.from).max().unwrap_or(0);
+        if span.to - from == self.max_len {
+            self.max_len = self
+                .starts
+                .iter()
+                .zip(&self.spans)
+                .map(|(from, s)| s.to - from)
+                .max()
+                .unwrap_or(0);
         }
-        Some(Booking {
-            instance_id: id,
-            window: TimeWindow::new(from_millis(span.from), from_millis(span.to)),
-            usage: Capacity::from_array(span.usage),
-        })
+        Some(booking(from, &span, id))
     }
 
     /// `true` when `instance_id` holds a booking here.
@@ -150,33 +164,30 @@ impl CapacityTimeline {
 
     /// Every booking, in order of start.
     pub fn bookings(&self) -> impl Iterator<Item = Booking> + '_ {
-        self.spans.iter().zip(&self.ids).map(|(s, id)| Booking {
-            instance_id: id.clone(),
-            window: TimeWindow::new(from_millis(s.from), from_millis(s.to)),
-            usage: Capacity::from_array(s.usage),
-        })
+        self.starts
+            .iter()
+            .zip(&self.spans)
+            .zip(&self.ids)
+            .map(|((&from, s), id)| booking(from, s, id.clone()))
     }
 
     /// The bookings that share at least one instant with `window`, in order of start.
     pub fn overlapping(&self, window: &TimeWindow) -> impl Iterator<Item = Booking> + '_ {
-        let (lo, hi) = self.candidate_range(millis(window.start), millis(window.end));
         let (ws, we) = (millis(window.start), millis(window.end));
-        self.spans[lo..hi]
+        let (lo, hi) = self.candidate_range(ws, we);
+        self.starts[lo..hi]
             .iter()
+            .zip(&self.spans[lo..hi])
             .zip(&self.ids[lo..hi])
-            .filter(move |(s, _)| s.to > ws && s.from < we)
-            .map(|(s, id)| Booking {
-                instance_id: id.clone(),
-                window: TimeWindow::new(from_millis(s.from), from_millis(s.to)),
-                usage: Capacity::from_array(s.usage),
-            })
+            .filter(move |&((&from, s), _)| s.to > ws && from < we)
+            .map(|((&from, s), id)| booking(from, s, id.clone()))
     }
 
     /// The earliest booking start at or after `t`, if any.
     pub fn next_start_at_or_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         let t = millis(t);
-        let i = self.spans.partition_point(|s| s.from < t);
-        self.spans.get(i).map(|s| from_millis(s.from))
+        let i = self.starts.partition_point(|&s| s < t);
+        self.starts.get(i).map(|&s| from_millis(s))
     }
 
     /// Use at one instant.
@@ -184,8 +195,8 @@ impl CapacityTimeline {
         let t = millis(t);
         let (lo, hi) = self.candidate_range(t, t.saturating_add(1));
         let mut sum = [0u32; 4];
-        for s in &self.spans[lo..hi] {
-            if s.from <= t && t < s.to {
+        for (&from, s) in self.starts[lo..hi].iter().zip(&self.spans[lo..hi]) {
+            if from <= t && t < s.to {
                 add_into(&mut sum, &s.usage);
             }
         }
@@ -205,21 +216,29 @@ impl CapacityTimeline {
     /// Whether `demand` fits across all of `window`.
     ///
     /// `Ok` carries the peak use after adding it (what the bin-packing score looks at); `Err` the
-    /// first dimension that would overflow.
+    /// first dimension that would overflow. Same as [`CapacityTimeline::check_ms`] on the window
+    /// in milliseconds.
     pub fn check(&self, demand: &Capacity, window: &TimeWindow) -> Result<Capacity, Shortfall> {
-        let peak = self.peak_raw(millis(window.start), millis(window.end));
+        self.check_ms(demand, millis(window.start), millis(window.end))
+    }
+
+    /// [`CapacityTimeline::check`] over `[start_ms, end_ms)` in Unix milliseconds ([`millis`]):
+    /// for callers that check one window against many timelines and convert it once.
+    #[inline(always)]
+    pub fn check_ms(
+        &self,
+        demand: &Capacity,
+        start_ms: i64,
+        end_ms: i64,
+    ) -> Result<Capacity, Shortfall> {
+        let peak = self.peak_raw(start_ms, end_ms);
         let need = demand.as_array();
         let cap = self.declared.as_array();
-        let mut after = [0u32; 4];
-        for d in 0..4 {
-            after[d] = peak[d].saturating_add(need[d]);
-            if after[d] > cap[d] {
-                return Err(Shortfall {
-                    dimension: Dimension::ALL[d],
-                    needed: need[d],
-                    available: cap[d].saturating_sub(peak[d]),
-                });
-            }
+        let after = [0, 1, 2, 3].map(|d| peak[d].saturating_add(need[d]));
+        // One branch for the four dimensions; which one overflows only matters when one does.
+        let over = (0..4).fold(false, |o, d| o | (after[d] > cap[d]));
+        if over {
+            return Err(shortfall(&peak, &need, &cap));
         }
         Ok(Capacity::from_array(after))
     }
@@ -229,65 +248,112 @@ impl CapacityTimeline {
         self.check(demand, window).is_ok()
     }
 
-    /// Indices `[lo, hi)` of the spans that may overlap `[ws, we)`: a span starting before
-    /// `ws − max_len` has ended before `ws`; one starting at or after `we` begins after it.
+    /// Indices `[lo, hi)` of the bookings that may overlap `[ws, we)`: one starting at or after
+    /// `we` begins after it; one starting before `ws − max_len` has ended before `ws`.
+    ///
+    /// `hi` is a binary search; `lo` is found walking back from `hi`, because only bookings
+    /// that start within `max_len` before the window lie between them, and those are few (and
+    /// the sweep visits each of them anyway).
+    #[inline(always)]
     fn candidate_range(&self, ws: i64, we: i64) -> (usize, usize) {
+        let hi = self.starts.partition_point(|&s| s < we);
         let earliest = ws.saturating_sub(self.max_len);
-        let lo = self.spans.partition_point(|s| s.from < earliest);
-        let hi = self.spans.partition_point(|s| s.from < we);
-        (lo, hi.max(lo))
+        let near = self.starts[..hi]
+            .iter()
+            .rev()
+            .take_while(|&&s| s >= earliest)
+            .count();
+        (hi - near, hi)
     }
 
+    #[inline(always)]
     fn peak_raw(&self, ws: i64, we: i64) -> [u32; 4] {
         if ws >= we {
             return [0; 4];
         }
         let (lo, hi) = self.candidate_range(ws, we);
-        let spans = &self.spans[lo..hi];
-        // Sweep in order of start. `active` holds the spans covering the current point;
-        // before adding span i at point p = max(from_i, ws), drop those that ended by p.
-        let mut active: [(i64, [u32; 4]); INLINE_ACTIVE] = [(0, [0; 4]); INLINE_ACTIVE];
-        let mut n_active = 0usize;
-        let mut sum = [0u32; 4];
-        let mut peak = [0u32; 4];
-        for s in spans {
-            if s.to <= ws {
-                continue;
-            }
-            let p = s.from.max(ws);
-            let mut k = 0;
-            while k < n_active {
-                if active[k].0 <= p {
-                    sub_from(&mut sum, &active[k].1);
-                    n_active -= 1;
-                    active[k] = active[n_active];
-                } else {
-                    k += 1;
-                }
-            }
-            if n_active == INLINE_ACTIVE {
-                return peak_by_events(spans, ws, we);
-            }
-            active[n_active] = (s.to, s.usage);
-            n_active += 1;
-            add_into(&mut sum, &s.usage);
-            for d in 0..4 {
-                peak[d] = peak[d].max(sum[d]);
+        match hi - lo {
+            // Nothing near the window: the common case on a large fleet.
+            0 => [0; 4],
+            // One booking near it: its use if it overlaps (it starts before `we`).
+            1 => match self.spans.get(lo) {
+                Some(s) if s.to > ws => s.usage,
+                _ => [0; 4],
+            },
+            _ => sweep(&self.starts[lo..hi], &self.spans[lo..hi], ws, we),
+        }
+    }
+}
+
+/// The first dimension where `peak + need` exceeds `cap`, for [`CapacityTimeline::check_ms`].
+#[cold]
+#[inline(never)]
+fn shortfall(peak: &[u32; 4], need: &[u32; 4], cap: &[u32; 4]) -> Shortfall {
+    let d = (0..4)
+        .find(|&d| peak[d].saturating_add(need[d]) > cap[d])
+        .unwrap_or(0);
+    Shortfall {
+        dimension: Dimension::ALL[d],
+        needed: need[d],
+        available: cap[d].saturating_sub(peak[d]),
+    }
+}
+
+fn booking(from: i64, s: &Span, instance_id: String) -> Booking {
+    Booking {
+        instance_id,
+        window: TimeWindow::new(from_millis(from), from_millis(s.to)),
+        usage: Capacity::from_array(s.usage),
+    }
+}
+
+/// Peak use across `[ws, we)` of bookings sorted by start, none starting at or after `we`.
+///
+/// Sweeps in order of start. `active` holds the bookings covering the current point; before
+/// adding booking i at point p = max(start_i, ws), those that ended by p are dropped.
+#[inline(never)]
+fn sweep(starts: &[i64], spans: &[Span], ws: i64, we: i64) -> [u32; 4] {
+    let mut active = [(0i64, [0u32; 4]); INLINE_ACTIVE];
+    let mut n_active = 0usize;
+    let mut sum = [0u32; 4];
+    let mut peak = [0u32; 4];
+    for (&from, s) in starts.iter().zip(spans) {
+        if s.to <= ws {
+            continue;
+        }
+        let p = from.max(ws);
+        let mut k = 0;
+        while k < n_active {
+            if active[k].0 <= p {
+                sub_from(&mut sum, &active[k].1);
+                n_active -= 1;
+                active[k] = active[n_active];
+            } else {
+                k += 1;
             }
         }
-        peak
+        if n_active == INLINE_ACTIVE {
+            return peak_by_events(starts, spans, ws, we);
+        }
+        active[n_active] = (s.to, s.usage);
+        n_active += 1;
+        add_into(&mut sum, &s.usage);
+        for d in 0..4 {
+            peak[d] = peak[d].max(sum[d]);
+        }
     }
+    peak
 }
 
 /// The general sweep, for windows with more than [`INLINE_ACTIVE`] concurrent bookings:
 /// +usage at each start, −usage at each end, ends before starts at equal times.
-fn peak_by_events(spans: &[Span], ws: i64, we: i64) -> [u32; 4] {
+fn peak_by_events(starts: &[i64], spans: &[Span], ws: i64, we: i64) -> [u32; 4] {
     let mut events: Vec<(i64, bool, [u32; 4])> = Vec::with_capacity(spans.len() * 2);
-    for s in spans {
-        if s.to <= ws || s.from >= we {
+    for (&from, s) in starts.iter().zip(spans) {
+        if s.to <= ws || from >= we {
             continue;
         }
-        events.push((s.from.max(ws), true, s.usage));
+        events.push((from.max(ws), true, s.usage));
         events.push((s.to, false, s.usage));
     }
     // `false` (end) sorts before `true` (start) at the same instant: half-open intervals.
@@ -449,6 +515,64 @@ mod tests {
         assert_eq!(tl.peak(&w(250, 400)), Capacity::new(49, 98, 147, 196));
     }
 
+    #[test]
+    fn check_ms_is_check_in_milliseconds() {
+        let mut tl = CapacityTimeline::new(Capacity::new(10, 10, 10, 10));
+        tl.insert("a", w(0, 60), Capacity::new(6, 1, 1, 1));
+        tl.insert("b", w(30, 90), Capacity::new(3, 1, 1, 1));
+        let demand = Capacity::new(2, 2, 2, 2);
+        for (a, b) in [
+            (0, 10),
+            (20, 40),
+            (59, 61),
+            (60, 120),
+            (90, 100),
+            (-50, 0),
+            (10, 10),
+        ] {
+            let window = w(a, b);
+            assert_eq!(
+                tl.check_ms(&demand, millis(window.start), millis(window.end)),
+                tl.check(&demand, &window),
+                "{a}..{b}"
+            );
+        }
+        // 6 + 3 at 30–60: 9 of 10 CPUs; an empty window holds nothing.
+        assert_eq!(
+            tl.check_ms(&demand, millis(t(30)), millis(t(40))),
+            Err(Shortfall {
+                dimension: Dimension::Cpu,
+                needed: 2,
+                available: 1
+            })
+        );
+        assert_eq!(
+            tl.check_ms(&demand, millis(t(40)), millis(t(40))),
+            Ok(demand)
+        );
+        // A demand larger than the worker fails even where nothing is booked.
+        assert_eq!(
+            tl.check_ms(&Capacity::new(0, 0, 11, 0), millis(t(500)), millis(t(600)))
+                .map_err(|s| s.dimension),
+            Err(Dimension::Storage)
+        );
+    }
+
+    #[test]
+    fn a_single_nearby_booking_counts_only_if_it_overlaps() {
+        let mut tl = CapacityTimeline::new(WORKER);
+        tl.insert("long", w(0, 100), Capacity::new(1, 0, 0, 0));
+        tl.insert("short", w(200, 210), Capacity::new(5, 0, 0, 0));
+        // Only "short" is within max_len of the window start, and it ended at 210.
+        assert_eq!(tl.peak(&w(210, 250)), Capacity::ZERO);
+        assert_eq!(tl.peak(&w(205, 250)).cpu_cores, 5);
+        // Windows before every booking, after every booking and between them.
+        assert_eq!(tl.peak(&w(-100, 0)), Capacity::ZERO);
+        assert_eq!(tl.peak(&w(300, 400)), Capacity::ZERO);
+        assert_eq!(tl.peak(&w(100, 200)), Capacity::ZERO);
+        assert_eq!(tl.peak(&w(99, 201)).cpu_cores, 5);
+    }
+
     /// Reference: the use at every minute, by brute force.
     fn brute_peak(bookings: &[(i64, i64, u32)], ws: i64, we: i64) -> u32 {
         (ws..we)
@@ -477,6 +601,12 @@ mod tests {
                 plain.push((*start, start + dur, *cpu));
             }
             prop_assert_eq!(tl.peak(&w(ws, ws + len)).cpu_cores, brute_peak(&plain, ws, ws + len));
+            let demand = Capacity::new(7, 0, 0, 0);
+            let window = w(ws, ws + len);
+            prop_assert_eq!(
+                tl.check_ms(&demand, millis(window.start), millis(window.end)),
+                tl.check(&demand, &window)
+            );
         }
 
         #[test]

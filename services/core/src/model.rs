@@ -68,6 +68,17 @@ impl LicenseType {
     }
 }
 
+/// Licence types as operators read them in reasons: `[PERSONAL, ENTERPRISE]`.
+pub fn licence_list(licences: &[LicenseType]) -> String {
+    let names: Vec<&str> = licences.iter().map(|l| l.as_str()).collect();
+    format!("[{}]", names.join(", "))
+}
+
+/// `n` as a `u32`, `u32::MAX` when it does not fit (counts of ports, workers, images).
+pub(crate) fn saturating_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 impl fmt::Display for LicenseType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -100,6 +111,19 @@ impl Dimension {
         Dimension::Storage,
         Dimension::Nodes,
     ];
+}
+
+impl Dimension {
+    /// The unit an amount of this dimension is written in: `CPU cores`, `GiB memory`,
+    /// `GiB storage`, `nodes` (as in "needs 4 CPU cores").
+    pub fn unit(self) -> &'static str {
+        match self {
+            Dimension::Cpu => "CPU cores",
+            Dimension::Memory => "GiB memory",
+            Dimension::Storage => "GiB storage",
+            Dimension::Nodes => "nodes",
+        }
+    }
 }
 
 impl fmt::Display for Dimension {
@@ -701,6 +725,10 @@ pub struct WorkerTemplate {
     pub description: String,
     /// EC2 instance type, e.g. `m5zn.metal`.
     pub instance_type: String,
+    /// Whether the instance type can run nested virtualisation (the metal types, constraint
+    /// C-1). Definitions with `nested_virt` only go to workers of such templates. Sources that do
+    /// not say can take [`instance_type_has_nested_virt`] as the default.
+    pub nested_virt: bool,
     /// Capacity of one worker; `nodes` is the template's `max_nodes`.
     pub capacity: Capacity,
     /// Licence its workers run under.
@@ -721,6 +749,14 @@ pub struct WorkerTemplate {
     pub max_workers: u32,
     /// Extra EC2 tags.
     pub tags: BTreeMap<String, String>,
+}
+
+/// Whether an EC2 instance type is a metal type (`m5zn.metal`, `c7i.metal-24xl`), the ones with
+/// nested virtualisation (constraint C-1): a default for [`WorkerTemplate::nested_virt`].
+pub fn instance_type_has_nested_virt(instance_type: &str) -> bool {
+    instance_type
+        .rsplit_once('.')
+        .is_some_and(|(_, size)| size.starts_with("metal"))
 }
 
 impl WorkerTemplate {
@@ -860,6 +896,14 @@ mod tests {
         assert_eq!(LicenseType::Personal.node_limit(10), 10);
         assert_eq!(LicenseType::Enterprise.node_limit(500), 500);
         assert_eq!(LicenseType::Evaluation.node_limit(50), 50);
+    }
+
+    #[test]
+    fn only_metal_instance_types_nest() {
+        assert!(instance_type_has_nested_virt("m5zn.metal"));
+        assert!(instance_type_has_nested_virt("c7i.metal-24xl"));
+        assert!(!instance_type_has_nested_virt("m5.24xlarge"));
+        assert!(!instance_type_has_nested_virt("metal"));
     }
 
     #[test]

@@ -44,21 +44,35 @@
 //!
 //! ## Cost
 //!
-//! The filter loop allocates nothing per worker: reasons are counted as small `Copy` values and
-//! only turned into text for the summary (or by [`plan`], which is allowed to be slower). The
-//! static filters run before the capacity check, which is the one filter that costs more than a
-//! few field reads. AMI globs and CML version parses are cached per decision by (AMI name, CML
-//! version); a batch goes further and reduces every worker to an AMI class once, then evaluates
-//! each request's AMI requirements once per class. See `benches/placement.rs` for the numbers:
-//! a decision costs the capacity check of every statically eligible worker plus tens of
-//! nanoseconds per worker.
+//! The filter loop allocates nothing per worker and reads the fleet's compact
+//! [`WorkerSummary`] array ([`FleetSnapshot::summaries`]) for filters 1–8 and 10 and for the score;
+//! only a worker that passes the static filters has its [`CapacityTimeline`] read (filter 9, with
+//! the window converted to milliseconds once per request, [`CapacityTimeline::check_ms`]). AMI
+//! requirements are evaluated once per request and distinct image of the fleet
+//! ([`FleetSnapshot::images`]), not per worker. Reasons are counted as small `Copy` values and only
+//! turned into text for the summary (or by [`plan`], which is allowed to be slower). The entry
+//! points are generic over the [`Scorer`], so the built-in scorers are inlined (a `&dyn Scorer`
+//! works too). See `benches/placement.rs` for the numbers.
+//!
+//! ## Reuse
+//!
+//! [`check_fit`] runs filters 2–10 on a worker described by a [`WorkerSummary`] whatever its
+//! state, with the free ports and the AMI verdict the caller gives: the autoscaler packs demand
+//! onto booting, stopped and not-yet-created workers with it, so it never disagrees with
+//! placement about what fits.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
+use crate::capacity::{CapacityTimeline, millis};
 use crate::error::CoreError;
-use crate::fleet::{FleetSnapshot, PlacementRequest, WorkerSnapshot};
-use crate::model::{AmiRequirement, Capacity, Dimension, LicenseType, TimeWindow, WorkerState};
+use crate::fleet::{
+    AmiImage, FleetSnapshot, ImageId, PlacementRequest, WorkerSnapshot, WorkerSummary,
+};
+use crate::model::{
+    AmiRequirement, Capacity, Dimension, LicenseType, TimeWindow, WorkerState, licence_list,
+    saturating_u32,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Reasons
@@ -281,9 +295,10 @@ impl ReasonTally {
 /// Ties (equal scores) go to the worker with the fewest free ports, then the smallest id. A NaN
 /// score counts as the lowest possible. Implementations must be deterministic.
 pub trait Scorer {
-    /// Score of placing the request on `worker`, given the peak use across the booked window
-    /// after the placement (`peak_after ≤ worker.declared()` in every dimension).
-    fn score(&self, worker: &WorkerSnapshot, peak_after: &Capacity) -> f64;
+    /// Score of placing the request on the worker summarised by `worker` (its declared capacity,
+    /// free ports, licence, …), given the peak use across the booked window after the placement
+    /// (`peak_after ≤ worker.declared` in every dimension).
+    fn score(&self, worker: &WorkerSummary, peak_after: &Capacity) -> f64;
 }
 
 /// Bin-packing (the default): prefer the fullest worker after the placement.
@@ -296,14 +311,16 @@ pub struct BinPack;
 
 impl Scorer for BinPack {
     #[inline]
-    fn score(&self, worker: &WorkerSnapshot, peak_after: &Capacity) -> f64 {
-        fill(peak_after, &worker.declared())
+    fn score(&self, worker: &WorkerSummary, peak_after: &Capacity) -> f64 {
+        fill(peak_after, &worker.declared)
     }
 }
 
 /// Mean of `used / of` over the dimensions where `of` is non-zero: the same value as
-/// [`Capacity::utilisation_of`], written branch-free so the four divisions run side by side
-/// (the score is computed for every feasible worker of every decision).
+/// [`Capacity::utilisation_of`], with the four divisions side by side (the score is computed for
+/// every feasible worker of every decision). Divisions, not multiplications by precomputed
+/// reciprocals: those round differently and would break ties between workers of different sizes
+/// that divide exactly (and, measured, the divisions are not what a decision waits for).
 #[inline]
 fn fill(used: &Capacity, of: &Capacity) -> f64 {
     let (u, o) = (used.as_array(), of.as_array());
@@ -315,6 +332,11 @@ fn fill(used: &Capacity, of: &Capacity) -> f64 {
         num[2] / den[2],
         num[3] / den[3],
     ];
+    if o.iter().all(|&x| x > 0) {
+        // Every dimension counts (the usual worker): the same sum, in the same order, as below.
+        // `sum * 0.25` is `sum / 4.0` (a power of two) without a division.
+        return (((ratio[0] + ratio[1]) + ratio[2]) + ratio[3]) * 0.25;
+    }
     let mut sum = 0.0;
     let mut n = 0u32;
     for d in 0..4 {
@@ -324,7 +346,6 @@ fn fill(used: &Capacity, of: &Capacity) -> f64 {
     }
     match n {
         0 => 0.0,
-        // Same value as `sum / 4.0` (a power of two), without a division.
         4 => sum * 0.25,
         n => sum / f64::from(n),
     }
@@ -336,8 +357,8 @@ pub struct Spread;
 
 impl Scorer for Spread {
     #[inline]
-    fn score(&self, worker: &WorkerSnapshot, peak_after: &Capacity) -> f64 {
-        1.0 - fill(peak_after, &worker.declared())
+    fn score(&self, worker: &WorkerSummary, peak_after: &Capacity) -> f64 {
+        1.0 - fill(peak_after, &worker.declared)
     }
 }
 
@@ -348,24 +369,6 @@ fn sane(score: f64) -> f64 {
     } else {
         score
     }
-}
-
-/// `true` when `(score, worker)` ranks before `(best_score, best)`.
-#[inline]
-fn ranks_before(
-    score: f64,
-    worker: &WorkerSnapshot,
-    best_score: f64,
-    best: &WorkerSnapshot,
-) -> bool {
-    if score != best_score {
-        return score > best_score;
-    }
-    let (a, b) = (worker.ports.free_count(), best.ports.free_count());
-    if a != b {
-        return a < b;
-    }
-    worker.id < best.id
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -440,163 +443,90 @@ fn ami_verdict(
     ami_name: Option<&str>,
     cml_version: Option<&str>,
 ) -> AmiVerdict {
-    for (i, r) in reqs.iter().enumerate() {
-        if !r.name_pattern.is_empty() && !ami_name.is_some_and(|n| glob_match(&r.name_pattern, n)) {
-            return Err((RejectReason::AmiPattern, i as u32));
-        }
+    if let Some(i) = name_mismatch(reqs, ami_name) {
+        return Err((RejectReason::AmiPattern, i));
     }
-    for (i, r) in reqs.iter().enumerate() {
-        if let Some(min) = &r.min_version
-            && !cml_version.is_some_and(|v| min.is_satisfied_by(v))
-        {
-            return Err((RejectReason::AmiVersion, i as u32));
-        }
+    if let Some(i) = version_shortfall(reqs, cml_version) {
+        return Err((RejectReason::AmiVersion, i));
     }
     Ok(())
 }
 
-/// Where [`evaluate`] gets a worker's AMI verdict from: a per-decision cache ([`AmiCache`]) or,
-/// in a batch, a table per AMI class computed once per request ([`AmiClasses`]).
-trait AmiOracle<'w> {
-    /// The verdict for worker number `index` of the snapshot, `w`.
-    fn verdict(
-        &mut self,
-        reqs: &[AmiRequirement],
-        index: usize,
-        w: &'w WorkerSnapshot,
-    ) -> AmiVerdict;
+/// Index of the first requirement whose non-empty name pattern `ami_name` does not match.
+fn name_mismatch(reqs: &[AmiRequirement], ami_name: Option<&str>) -> Option<u32> {
+    let i = reqs.iter().position(|r| {
+        !r.name_pattern.is_empty() && !ami_name.is_some_and(|n| glob_match(&r.name_pattern, n))
+    })?;
+    Some(saturating_u32(i))
 }
 
-/// Entries of the per-decision AMI cache; fleets run a few images at a time.
-const AMI_CACHE: usize = 8;
-
-/// Per-decision cache of AMI verdicts keyed by (AMI name, CML version); no allocation.
-struct AmiCache<'w> {
-    entries: [(Option<&'w str>, Option<&'w str>, AmiVerdict); AMI_CACHE],
-    len: usize,
-    last: usize,
-    next_evict: usize,
+/// Index of the first requirement whose minimum version `cml_version` does not meet.
+fn version_shortfall(reqs: &[AmiRequirement], cml_version: Option<&str>) -> Option<u32> {
+    let i = reqs.iter().position(|r| {
+        r.min_version
+            .as_ref()
+            .is_some_and(|min| !cml_version.is_some_and(|v| min.is_satisfied_by(v)))
+    })?;
+    Some(saturating_u32(i))
 }
 
-impl<'w> AmiOracle<'w> for AmiCache<'w> {
-    #[inline(always)]
-    fn verdict(
-        &mut self,
-        reqs: &[AmiRequirement],
-        _index: usize,
-        w: &'w WorkerSnapshot,
-    ) -> AmiVerdict {
-        self.lookup(reqs, w)
+/// The AMI filters (5 and 6): [`ami_name_check`], then [`ami_version_check`].
+pub fn ami_check(
+    reqs: &[AmiRequirement],
+    ami_name: Option<&str>,
+    cml_version: Option<&str>,
+) -> Result<(), RejectReason> {
+    ami_verdict(reqs, ami_name, cml_version).map_err(|(reason, _)| reason)
+}
+
+/// Filter 5: every non-empty name pattern must match `ami_name` ([`glob_match`]); an unknown name
+/// fails a non-empty pattern.
+pub fn ami_name_check(reqs: &[AmiRequirement], ami_name: Option<&str>) -> Result<(), RejectReason> {
+    match name_mismatch(reqs, ami_name) {
+        Some(_) => Err(RejectReason::AmiPattern),
+        None => Ok(()),
     }
 }
 
-impl<'w> AmiCache<'w> {
-    fn new() -> Self {
-        AmiCache {
-            entries: [(None, None, Ok(())); AMI_CACHE],
-            len: 0,
-            last: 0,
-            next_evict: 0,
-        }
-    }
-
-    #[inline(always)]
-    fn lookup(&mut self, reqs: &[AmiRequirement], w: &'w WorkerSnapshot) -> AmiVerdict {
-        let key = (w.ami_name.as_deref(), w.cml_version.as_deref());
-        // Versions are short and tell images apart first; then the name.
-        let hit = |e: &(Option<&str>, Option<&str>, AmiVerdict)| e.1 == key.1 && e.0 == key.0;
-        if self.len > 0 && hit(&self.entries[self.last]) {
-            return self.entries[self.last].2;
-        }
-        if let Some(i) = self.entries[..self.len].iter().position(hit) {
-            self.last = i;
-            return self.entries[i].2;
-        }
-        self.miss(reqs, key)
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn miss(
-        &mut self,
-        reqs: &[AmiRequirement],
-        key: (Option<&'w str>, Option<&'w str>),
-    ) -> AmiVerdict {
-        let v = ami_verdict(reqs, key.0, key.1);
-        let slot = if self.len < AMI_CACHE {
-            self.len += 1;
-            self.len - 1
-        } else {
-            self.next_evict = (self.next_evict + 1) % AMI_CACHE;
-            self.next_evict
-        };
-        self.entries[slot] = (key.0, key.1, v);
-        self.last = slot;
-        v
+/// Filter 6: every minimum version must be met by `cml_version`
+/// ([`Version::is_satisfied_by`](crate::version::Version::is_satisfied_by)); an unknown or
+/// unreadable version fails a minimum.
+pub fn ami_version_check(
+    reqs: &[AmiRequirement],
+    cml_version: Option<&str>,
+) -> Result<(), RejectReason> {
+    match version_shortfall(reqs, cml_version) {
+        Some(_) => Err(RejectReason::AmiVersion),
+        None => Ok(()),
     }
 }
 
-/// For a batch: every worker's (AMI name, CML version) reduced once to a class number, and per
-/// request one verdict per class. The batch never changes AMI names or versions, so the classes
-/// stay valid while its placements change the snapshot.
-struct AmiClasses {
-    /// Distinct (AMI name, CML version) pairs.
-    keys: Vec<(Option<String>, Option<String>)>,
-    /// Class of each worker, by snapshot index.
-    class_of: Vec<usize>,
-    /// Verdict per class for the current request.
-    verdicts: Vec<AmiVerdict>,
+/// For one request: the AMI verdict of every image of the fleet, computed once per request
+/// instead of once per worker. A batch reuses the buffer from request to request.
+#[derive(Debug, Default)]
+struct AmiVerdicts {
+    by_image: Vec<AmiVerdict>,
 }
 
-impl AmiClasses {
-    fn new(workers: &[WorkerSnapshot]) -> Self {
-        let mut keys: Vec<(Option<String>, Option<String>)> = Vec::new();
-        let mut class_of = Vec::with_capacity(workers.len());
-        for w in workers {
-            let key = (w.ami_name.as_deref(), w.cml_version.as_deref());
-            let class = match keys
-                .iter()
-                .position(|k| (k.0.as_deref(), k.1.as_deref()) == key)
-            {
-                Some(c) => c,
-                None => {
-                    keys.push((w.ami_name.clone(), w.cml_version.clone()));
-                    keys.len() - 1
-                }
-            };
-            class_of.push(class);
-        }
-        AmiClasses {
-            verdicts: Vec::with_capacity(keys.len()),
-            keys,
-            class_of,
-        }
-    }
-
-    /// Computes the verdict of every class for `reqs` (once per request).
-    fn prepare(&mut self, reqs: &[AmiRequirement]) {
-        self.verdicts.clear();
+impl AmiVerdicts {
+    fn prepare(&mut self, reqs: &[AmiRequirement], images: &[AmiImage]) {
+        self.by_image.clear();
         if reqs.is_empty() {
             return;
         }
-        for (name, version) in &self.keys {
-            self.verdicts
-                .push(ami_verdict(reqs, name.as_deref(), version.as_deref()));
-        }
+        self.by_image.extend(
+            images
+                .iter()
+                .map(|i| ami_verdict(reqs, i.ami_name.as_deref(), i.cml_version.as_deref())),
+        );
     }
-}
 
-impl<'w> AmiOracle<'w> for AmiClasses {
+    /// The verdict for worker `w`, whose image is `image`.
     #[inline(always)]
-    fn verdict(
-        &mut self,
-        reqs: &[AmiRequirement],
-        index: usize,
-        w: &'w WorkerSnapshot,
-    ) -> AmiVerdict {
-        match self.class_of.get(index).and_then(|c| self.verdicts.get(*c)) {
+    fn get(&self, reqs: &[AmiRequirement], image: ImageId, w: &WorkerSnapshot) -> AmiVerdict {
+        match self.by_image.get(image as usize) {
             Some(v) => *v,
-            // Not prepared for this worker (cannot happen inside a batch): compute directly.
+            // Not prepared for this image (cannot happen within a decision): compute directly.
             None => ami_verdict(reqs, w.ami_name.as_deref(), w.cml_version.as_deref()),
         }
     }
@@ -612,9 +542,11 @@ struct Prepared<'r> {
     /// Bit `licence as u8` set for each accepted licence; 0 = any licence.
     affinity: u8,
     nested_virt: bool,
-    ports: usize,
+    ports: u32,
     ami: &'r [AmiRequirement],
-    window: TimeWindow,
+    /// The window in Unix milliseconds, converted once per request.
+    start_ms: i64,
+    end_ms: i64,
 }
 
 #[inline]
@@ -627,7 +559,7 @@ fn licence_bit(l: LicenseType) -> u8 {
 }
 
 impl<'r> Prepared<'r> {
-    fn new(req: &'r PlacementRequest) -> Self {
+    fn new(req: &'r PlacementRequest, window: &TimeWindow) -> Self {
         Prepared {
             demand: req.demand,
             affinity: req
@@ -635,9 +567,10 @@ impl<'r> Prepared<'r> {
                 .iter()
                 .fold(0, |m, l| m | licence_bit(*l)),
             nested_virt: req.nested_virt,
-            ports: req.port_names.len(),
+            ports: saturating_u32(req.port_names.len()),
             ami: &req.ami_requirements,
-            window: req.window,
+            start_ms: millis(window.start),
+            end_ms: millis(window.end),
         }
     }
 }
@@ -664,38 +597,44 @@ impl Rejection {
     }
 }
 
-/// Runs every filter on one worker: the peak use after placing, or the first failure.
-///
-/// Always inlined: as a call it costs a return through memory per worker (measured: about a
-/// third of a decision's own time).
+/// Filter 1, the worker's state.
 #[inline(always)]
-fn evaluate<'w>(
-    index: usize,
-    w: &'w WorkerSnapshot,
-    p: &Prepared<'_>,
-    ami: &mut impl AmiOracle<'w>,
-) -> Result<Capacity, Rejection> {
-    match w.state {
-        WorkerState::Running => {}
-        WorkerState::Draining => return Err(Rejection::plain(RejectReason::Draining)),
-        state => return Err(Rejection::plain(RejectReason::NotRunning { state })),
+fn state_filter(s: &WorkerSummary) -> Result<(), Rejection> {
+    match s.state {
+        WorkerState::Running => Ok(()),
+        WorkerState::Draining => Err(Rejection::plain(RejectReason::Draining)),
+        state => Err(Rejection::plain(RejectReason::NotRunning { state })),
     }
-    if w.template_name.is_none() {
+}
+
+/// Filters 2 to 10, in order: the peak use after placing, or the first failure. The AMI verdict
+/// is asked for only when the filters before it pass; the timeline is read only when every
+/// static filter passes.
+///
+/// Always inlined: as a call it costs a return through memory per worker.
+#[inline(always)]
+fn fit(
+    s: &WorkerSummary,
+    timeline: &CapacityTimeline,
+    ami: impl FnOnce() -> AmiVerdict,
+    p: &Prepared<'_>,
+) -> Result<Capacity, Rejection> {
+    if !s.managed {
         return Err(Rejection::plain(RejectReason::Legacy));
     }
-    if p.affinity != 0 && p.affinity & licence_bit(w.license_type) == 0 {
+    if p.affinity != 0 && p.affinity & licence_bit(s.license) == 0 {
         return Err(Rejection::plain(RejectReason::LicenceAffinity {
-            licence: w.license_type,
+            licence: s.license,
         }));
     }
-    if p.demand.nodes > w.node_limit {
+    if p.demand.nodes > s.node_limit {
         return Err(Rejection::plain(RejectReason::LicenceNodeLimit {
-            licence: w.license_type,
-            limit: w.node_limit,
+            licence: s.license,
+            limit: s.node_limit,
         }));
     }
     if !p.ami.is_empty()
-        && let Err((reason, requirement)) = ami.verdict(p.ami, index, w)
+        && let Err((reason, requirement)) = ami()
     {
         return Err(Rejection {
             reason,
@@ -704,23 +643,21 @@ fn evaluate<'w>(
             b: 0,
         });
     }
-    if p.nested_virt && !w.nested_virt {
+    if p.nested_virt && !s.nested_virt {
         return Err(Rejection::plain(RejectReason::NestedVirt));
     }
-    let declared = w.timeline.declared();
-    if !p.demand.fits_within(&declared)
-        && let Some(dimension) = p.demand.first_excess(&declared)
+    if !p.demand.fits_within(&s.declared)
+        && let Some(dimension) = p.demand.first_excess(&s.declared)
     {
         return Err(Rejection {
             reason: RejectReason::Insufficient { dimension },
             window: false,
             a: p.demand.get(dimension),
-            b: declared.get(dimension),
+            b: s.declared.get(dimension),
         });
     }
-    let peak_after = w
-        .timeline
-        .check(&p.demand, &p.window)
+    let peak_after = timeline
+        .check_ms(&p.demand, p.start_ms, p.end_ms)
         .map_err(|s| Rejection {
             reason: RejectReason::Insufficient {
                 dimension: s.dimension,
@@ -729,16 +666,27 @@ fn evaluate<'w>(
             a: s.needed,
             b: s.available,
         })?;
-    let free = w.ports.free_count();
-    if free < p.ports {
+    if s.free_ports < p.ports {
         return Err(Rejection {
             reason: RejectReason::InsufficientPorts,
             window: false,
-            a: u32::try_from(p.ports).unwrap_or(u32::MAX),
-            b: u32::try_from(free).unwrap_or(u32::MAX),
+            a: p.ports,
+            b: s.free_ports,
         });
     }
     Ok(peak_after)
+}
+
+/// Runs every filter, in order, on the worker `w` summarised by `s`.
+#[inline(always)]
+fn evaluate(
+    s: &WorkerSummary,
+    w: &WorkerSnapshot,
+    p: &Prepared<'_>,
+    verdicts: &AmiVerdicts,
+) -> Result<Capacity, Rejection> {
+    state_filter(s)?;
+    fit(s, &w.timeline, || verdicts.get(p.ami, s.image, w), p)
 }
 
 /// Runs every placement filter on one worker, in order: the peak use across the request's
@@ -750,9 +698,41 @@ pub fn check_worker(
     worker: &WorkerSnapshot,
     req: &PlacementRequest,
 ) -> Result<Capacity, RejectReason> {
-    let p = Prepared::new(req);
-    let mut cache = AmiCache::new();
-    evaluate(0, worker, &p, &mut cache).map_err(|r| r.reason)
+    let s = WorkerSummary::of(worker, 0);
+    let p = Prepared::new(req, &req.window);
+    state_filter(&s).map_err(|r| r.reason)?;
+    fit(
+        &s,
+        &worker.timeline,
+        || {
+            ami_verdict(
+                p.ami,
+                worker.ami_name.as_deref(),
+                worker.cml_version.as_deref(),
+            )
+        },
+        &p,
+    )
+    .map_err(|r| r.reason)
+}
+
+/// Would `req` fit this worker, whatever state it is in now? Filters 2 to 10 (every filter but
+/// the state), in order, on a worker described by `worker` (its licence, node limit, nested
+/// virtualisation, declared capacity and **free ports**; the state is not read), holding the
+/// bookings `timeline`, with `ami` the outcome of the AMI filters for it (see [`ami_check`]), over
+/// `window` (normally `req.window`; a caller may clamp it).
+///
+/// For the autoscaler, which fills workers that are booting or stopped, and workers to be
+/// created ([`WorkerSummary::of_template`]), with the same rules placement will apply.
+pub fn check_fit(
+    worker: &WorkerSummary,
+    timeline: &CapacityTimeline,
+    ami: Result<(), RejectReason>,
+    req: &PlacementRequest,
+    window: &TimeWindow,
+) -> Result<Capacity, RejectReason> {
+    let p = Prepared::new(req, window);
+    fit(worker, timeline, || ami.map_err(|r| (r, 0)), &p).map_err(|r| r.reason)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -772,46 +752,66 @@ pub struct Choice {
     pub peak_after: Capacity,
 }
 
-/// Best worker: (index, score, peak after).
-fn decide<'w>(
-    workers: &'w [WorkerSnapshot],
+/// The best so far in [`decide`].
+#[derive(Clone, Copy)]
+struct Best {
+    index: usize,
+    score: f64,
+    free_ports: u32,
+    peak_after: Capacity,
+}
+
+/// Best worker: (index, score, peak after). `verdicts` must be prepared for `req`.
+fn decide<S: Scorer + ?Sized>(
+    fleet: &FleetSnapshot,
     req: &PlacementRequest,
-    scorer: &dyn Scorer,
-    ami: &mut impl AmiOracle<'w>,
+    scorer: &S,
+    verdicts: &AmiVerdicts,
 ) -> Result<(usize, f64, Capacity), Unschedulable> {
-    let p = Prepared::new(req);
+    let p = Prepared::new(req, &req.window);
+    let workers = fleet.workers();
     let mut tally = ReasonTally::default();
-    let mut best: Option<(usize, f64, Capacity)> = None;
-    for (i, w) in workers.iter().enumerate() {
-        match evaluate(i, w, &p, ami) {
+    let mut best: Option<Best> = None;
+    for (i, (s, w)) in fleet.summaries().iter().zip(workers).enumerate() {
+        match evaluate(s, w, &p, verdicts) {
             Ok(peak_after) => {
-                let score = sane(scorer.score(w, &peak_after));
-                let better = match best {
+                let score = sane(scorer.score(s, &peak_after));
+                // Highest score, then fewest free ports, then smallest id.
+                let better = match &best {
                     None => true,
-                    Some((bi, bs, _)) => ranks_before(score, w, bs, &workers[bi]),
+                    Some(b) if score != b.score => score > b.score,
+                    Some(b) if s.free_ports != b.free_ports => s.free_ports < b.free_ports,
+                    Some(b) => w.id < workers[b.index].id,
                 };
                 if better {
-                    best = Some((i, score, peak_after));
+                    best = Some(Best {
+                        index: i,
+                        score,
+                        free_ports: s.free_ports,
+                        peak_after,
+                    });
                 }
             }
             Err(r) => tally.add(r.reason),
         }
     }
-    best.ok_or_else(|| Unschedulable::from_tally(workers.len(), &tally))
+    best.map(|b| (b.index, b.score, b.peak_after))
+        .ok_or_else(|| Unschedulable::from_tally(workers.len(), &tally))
 }
 
 /// Chooses the worker for one request, without changing anything.
 ///
 /// `Err` carries the "why pending" counts when no worker passes every filter.
-pub fn place(
+pub fn place<S: Scorer + ?Sized>(
     fleet: &FleetSnapshot,
     req: &PlacementRequest,
-    scorer: &dyn Scorer,
+    scorer: &S,
 ) -> Result<Choice, Unschedulable> {
-    let mut cache = AmiCache::new();
-    decide(&fleet.workers, req, scorer, &mut cache).map(|(i, score, peak_after)| Choice {
+    let mut verdicts = AmiVerdicts::default();
+    verdicts.prepare(&req.ami_requirements, fleet.images());
+    decide(fleet, req, scorer, &verdicts).map(|(i, score, peak_after)| Choice {
         worker_index: i,
-        worker_id: fleet.workers[i].id.clone(),
+        worker_id: fleet.workers()[i].id.clone(),
         score,
         peak_after,
     })
@@ -900,27 +900,15 @@ impl Plan {
     }
 }
 
-fn unit(d: Dimension) -> &'static str {
-    match d {
-        Dimension::Cpu => "CPU cores",
-        Dimension::Memory => "GiB memory",
-        Dimension::Storage => "GiB storage",
-        Dimension::Nodes => "nodes",
-    }
-}
-
 fn detail(r: &Rejection, w: &WorkerSnapshot, req: &PlacementRequest) -> String {
     match r.reason {
         RejectReason::NotRunning { state } => format!("worker is {state}"),
         RejectReason::Draining => "worker is DRAINING and takes no new instances".into(),
         RejectReason::Legacy => "legacy worker (no template); never scheduled on".into(),
-        RejectReason::LicenceAffinity { licence } => {
-            let accepted: Vec<&str> = req.license_affinity.iter().map(|l| l.as_str()).collect();
-            format!(
-                "worker licence {licence}, definition accepts [{}]",
-                accepted.join(", ")
-            )
-        }
+        RejectReason::LicenceAffinity { licence } => format!(
+            "worker licence {licence}, definition accepts {}",
+            licence_list(&req.license_affinity)
+        ),
         RejectReason::LicenceNodeLimit { licence, limit } => format!(
             "definition has {} nodes, licence {licence} allows {limit}",
             req.demand.nodes
@@ -953,13 +941,18 @@ fn detail(r: &Rejection, w: &WorkerSnapshot, req: &PlacementRequest) -> String {
         RejectReason::Insufficient { dimension } if r.window => format!(
             "needs {} {}, {} free at the peak of {} – {}",
             r.a,
-            unit(dimension),
+            dimension.unit(),
             r.b,
             req.window.start.to_rfc3339(),
             req.window.end.to_rfc3339()
         ),
         RejectReason::Insufficient { dimension } => {
-            format!("needs {} {}, worker declares {}", r.a, unit(dimension), r.b)
+            format!(
+                "needs {} {}, worker declares {}",
+                r.a,
+                dimension.unit(),
+                r.b
+            )
         }
         RejectReason::InsufficientPorts => format!("needs {} ports, {} free", r.a, r.b),
     }
@@ -968,15 +961,16 @@ fn detail(r: &Rejection, w: &WorkerSnapshot, req: &PlacementRequest) -> String {
 /// Explains a decision: every feasible worker ranked as [`place`] ranks them, and every other
 /// worker with the first filter it fails. Changes nothing; slower than [`place`] (it reports
 /// everything).
-pub fn plan(fleet: &FleetSnapshot, req: &PlacementRequest, scorer: &dyn Scorer) -> Plan {
-    let p = Prepared::new(req);
-    let mut cache = AmiCache::new();
+pub fn plan<S: Scorer + ?Sized>(fleet: &FleetSnapshot, req: &PlacementRequest, scorer: &S) -> Plan {
+    let p = Prepared::new(req, &req.window);
+    let mut verdicts = AmiVerdicts::default();
+    verdicts.prepare(&req.ami_requirements, fleet.images());
     let mut candidates = Vec::new();
     let mut rejected = Vec::new();
-    for (i, w) in fleet.workers.iter().enumerate() {
-        match evaluate(i, w, &p, &mut cache) {
+    for (i, (s, w)) in fleet.summaries().iter().zip(fleet.workers()).enumerate() {
+        match evaluate(s, w, &p, &verdicts) {
             Ok(peak_after) => {
-                let declared = w.declared();
+                let declared = s.declared;
                 let mut utilisation_after = [0.0; 4];
                 for (u, d) in utilisation_after.iter_mut().zip(Dimension::ALL) {
                     if declared.get(d) > 0 {
@@ -986,10 +980,10 @@ pub fn plan(fleet: &FleetSnapshot, req: &PlacementRequest, scorer: &dyn Scorer) 
                 candidates.push(Candidate {
                     worker_index: i,
                     worker_id: w.id.clone(),
-                    score: sane(scorer.score(w, &peak_after)),
+                    score: sane(scorer.score(s, &peak_after)),
                     peak_after,
                     utilisation_after,
-                    free_ports: w.ports.free_count(),
+                    free_ports: s.free_ports as usize,
                 });
             }
             Err(r) => rejected.push(RejectedWorker {
@@ -1007,7 +1001,7 @@ pub fn plan(fleet: &FleetSnapshot, req: &PlacementRequest, scorer: &dyn Scorer) 
             .then_with(|| a.worker_id.cmp(&b.worker_id))
     });
     Plan {
-        total_workers: fleet.workers.len(),
+        total_workers: fleet.len(),
         candidates,
         rejected,
     }
@@ -1118,27 +1112,6 @@ fn validate_port_names(req: &PlacementRequest) -> Result<(), CoreError> {
     Ok(())
 }
 
-/// Books `req` on `w`: ports first (the only step that can refuse), then capacity.
-fn commit(
-    w: &mut WorkerSnapshot,
-    req: &PlacementRequest,
-) -> Result<BTreeMap<String, u16>, CoreError> {
-    if w.ports.ports_of(&req.instance_id).is_some() || w.timeline.contains(&req.instance_id) {
-        return Err(CoreError::invalid(
-            "instance_id",
-            format!(
-                "instance {} is already placed on worker {}",
-                req.instance_id, w.id
-            ),
-        ));
-    }
-    let ports = w.ports.allocate(&req.instance_id, &req.port_names)?;
-    w.timeline
-        .insert(req.instance_id.as_str(), req.window, req.demand);
-    w.live_instances += 1;
-    Ok(ports)
-}
-
 /// Places a batch of pending requests in queue order ([`PlacementRequest::queue_key`]: slot
 /// start, booking time, id), applying each placement to `fleet` before deciding the next one.
 ///
@@ -1150,15 +1123,15 @@ fn commit(
 /// The requests are PENDING instances: an instance the snapshot already holds on some worker must
 /// not be in the batch (only its own worker is checked, and refuses it as [`Decision::Invalid`]).
 /// The slice itself is not reordered; each entry records its request's index.
-pub fn place_batch(
+pub fn place_batch<S: Scorer + ?Sized>(
     fleet: &mut FleetSnapshot,
     requests: &[PlacementRequest],
-    scorer: &dyn Scorer,
+    scorer: &S,
 ) -> BatchOutcome {
     let mut order: Vec<usize> = (0..requests.len()).collect();
     order.sort_by(|&a, &b| requests[a].queue_key().cmp(&requests[b].queue_key()));
     let mut seen: HashSet<&str> = HashSet::with_capacity(requests.len());
-    let mut ami = AmiClasses::new(&fleet.workers);
+    let mut verdicts = AmiVerdicts::default();
     let mut entries = Vec::with_capacity(requests.len());
     for i in order {
         let req = &requests[i];
@@ -1172,13 +1145,19 @@ pub fn place_batch(
         } else if let Err(error) = validate_port_names(req) {
             Decision::Invalid { error }
         } else {
-            ami.prepare(&req.ami_requirements);
-            match decide(&fleet.workers, req, scorer, &mut ami) {
+            verdicts.prepare(&req.ami_requirements, fleet.images());
+            match decide(fleet, req, scorer, &verdicts) {
                 Ok((wi, score, peak_after)) => {
-                    let w = &mut fleet.workers[wi];
-                    match commit(w, req) {
+                    // Ports first (the only step that can refuse), then capacity.
+                    match fleet.book(
+                        wi,
+                        &req.instance_id,
+                        req.window,
+                        req.demand,
+                        &req.port_names,
+                    ) {
                         Ok(ports) => Decision::Placed {
-                            worker_id: w.id.clone(),
+                            worker_id: fleet.workers()[wi].id.clone(),
                             worker_index: wi,
                             ports,
                             score,
@@ -1219,6 +1198,11 @@ mod tests {
         assert!(glob_match("caf?", "café"));
         assert!(!glob_match("", "x"));
         assert!(glob_match("", ""));
+        // Formerly the autoscaler's own copy of the glob, now this one.
+        assert!(glob_match("CML-2.9.*", "CML-2.9.1-ami"));
+        assert!(glob_match("CML-?.9*", "CML-2.9"));
+        assert!(glob_match("a*b*c", "axxbyyc"));
+        assert!(!glob_match("a*b", "axxbc"));
         assert!(!glob_match("cml-2.9.*", "CML-2.9.0"), "case-sensitive");
     }
 

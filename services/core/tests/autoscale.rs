@@ -35,6 +35,7 @@ fn template(name: &str, license: LicenseType, drain_hours: u32) -> WorkerTemplat
         name: name.into(),
         description: String::new(),
         instance_type: "m5zn.metal".into(),
+        nested_virt: true,
         capacity: Capacity::new(48, 192, 500, 500),
         license_type: license,
         ami_pattern: "CML-2.9.*".into(),
@@ -368,6 +369,7 @@ fn template_selection_respects_ami_and_nested_virt() {
 
     let mut virt = personal();
     virt.instance_type = "m5.24xlarge".into();
+    virt.nested_virt = false;
     let r = req("i2", 5, 20, 60);
     let err = select_template(&r, &[virt]).expect_err("not metal");
     assert!(err.to_string().contains("nested virtualisation"), "{err}");
@@ -894,4 +896,98 @@ fn plan_is_deterministic_and_sorted() {
     let mut sorted = keys.clone();
     sorted.sort();
     assert_eq!(keys, sorted);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One fit check with placement
+// ---------------------------------------------------------------------------------------------
+
+/// A request whose definition needs CML ≥ 2.9.0 (any AMI name).
+fn needs_cml_29(id: &str) -> PlacementRequest {
+    let mut r = req(id, 5, 20, 60);
+    r.ami_requirements = vec![AmiRequirement {
+        name_pattern: String::new(),
+        min_version: Some(ccm_core::version::Version::new(2, 9, 0)),
+    }];
+    r
+}
+
+#[test]
+fn a_running_worker_is_judged_by_placements_own_filters() {
+    // RUNNING without a reported CML version: placement refuses a minimum version, so the
+    // autoscaler must not count on that worker (it would wait forever).
+    let unknown = worker("w-run", &personal(), WorkerState::Running, 300);
+    let plan = Case::new(vec![unknown.clone()], vec![needs_cml_29("i1")]).run();
+    assert!(
+        of(&plan, ScalingAction::Wait)
+            .iter()
+            .all(|w| w.code != codes::WAIT_FITS_RUNNING),
+        "{plan:#?}"
+    );
+    assert_eq!(plan.new_workers(), 1, "{plan:#?}");
+    assert!(
+        ccm_core::placement::place(
+            &FleetSnapshot::new(vec![unknown.clone()]),
+            &needs_cml_29("i1"),
+            &ccm_core::placement::BinPack
+        )
+        .is_err()
+    );
+
+    // Once it reports 2.9.1 placement takes it, and so does the autoscaler's check.
+    let mut known = unknown;
+    known.cml_version = Some("2.9.1".into());
+    let plan = Case::new(vec![known], vec![needs_cml_29("i1")]).run();
+    let wait = of(&plan, ScalingAction::Wait);
+    assert_eq!(wait.len(), 1, "{plan:#?}");
+    assert_eq!(wait[0].code, codes::WAIT_FITS_RUNNING);
+    assert_eq!(plan.new_workers(), 0, "{plan:#?}");
+}
+
+#[test]
+fn a_booting_worker_that_has_not_reported_its_version_yet_still_counts() {
+    let booting = worker("w-boot", &personal(), WorkerState::Provisioning, 5);
+    let plan = Case::new(vec![booting.clone()], vec![needs_cml_29("i1")]).run();
+    let wait = of(&plan, ScalingAction::Wait);
+    assert_eq!(wait.len(), 1, "{plan:#?}");
+    assert_eq!(wait[0].code, codes::WAIT_BOOTING);
+    assert_eq!(plan.new_workers(), 0, "{plan:#?}");
+
+    // A version it does report is checked: too low, so a new worker is needed.
+    let mut old = booting;
+    old.cml_version = Some("2.8.0".into());
+    let plan = Case::new(vec![old], vec![needs_cml_29("i1")]).run();
+    assert_eq!(plan.new_workers(), 1, "{plan:#?}");
+}
+
+#[test]
+fn an_empty_licence_affinity_accepts_any_licence_as_placement_does() {
+    let mut r = req("i1", 5, 20, 60);
+    r.license_affinity = vec![];
+    assert_eq!(
+        select_template(&r, &templates()).map(|t| t.name.as_str()),
+        Ok("personal-metal")
+    );
+    let idle = worker("w-ent", &enterprise(), WorkerState::Running, 300);
+    let plan = Case::new(vec![idle], vec![r]).run();
+    let wait = of(&plan, ScalingAction::Wait);
+    assert_eq!(wait.len(), 1, "{plan:#?}");
+    assert_eq!(wait[0].code, codes::WAIT_FITS_RUNNING);
+}
+
+#[test]
+fn template_nested_virt_is_the_templates_field_not_its_instance_type() {
+    let mut r = req("i1", 5, 20, 60);
+    r.nested_virt = true;
+    // A metal type that the operator marked as not nesting, and the reverse.
+    let mut no = personal();
+    no.nested_virt = false;
+    let err = select_template(&r, &[no]).expect_err("no nested virtualisation");
+    assert!(err.to_string().contains("nested virtualisation"), "{err}");
+    let mut yes = personal();
+    yes.instance_type = "m5.24xlarge".into();
+    assert_eq!(
+        select_template(&r, &[yes]).map(|t| t.name.as_str()),
+        Ok("personal-metal")
+    );
 }

@@ -4,12 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ccm_core::capacity::CapacityTimeline;
-use ccm_core::fleet::{FleetSnapshot, PlacementRequest, WorkerSnapshot};
+use ccm_core::fleet::{FleetSnapshot, PlacementRequest, WorkerSnapshot, WorkerSummary};
 use ccm_core::model::{
     AmiRequirement, Capacity, Dimension, LicenseType, PortRange, TimeSlot, TimeWindow, WorkerState,
 };
 use ccm_core::placement::{
-    BinPack, Decision, RejectReason, Spread, check_worker, place, place_batch, plan,
+    BinPack, Decision, RejectReason, Spread, ami_check, ami_name_check, ami_version_check,
+    check_fit, check_worker, place, place_batch, plan,
 };
 use ccm_core::ports::PortAllocator;
 use ccm_core::version::Version;
@@ -110,6 +111,26 @@ fn request(id: &str) -> PlacementRequest {
     request_at(id, Capacity::new(4, 16, 30, 5), 3, 24 * 60 + 600, 120, 0)
 }
 
+/// The PERSONAL m5zn.metal template (500 nodes, capped to 20 by the licence).
+fn personal_metal() -> ccm_core::model::WorkerTemplate {
+    ccm_core::model::WorkerTemplate {
+        name: "personal-metal".into(),
+        description: String::new(),
+        instance_type: "m5zn.metal".into(),
+        nested_virt: true,
+        capacity: Capacity::new(48, 192, 500, 500),
+        license_type: LicenseType::Personal,
+        ami_pattern: "CML-2.9.*".into(),
+        regions: vec![],
+        startup_minutes: 20,
+        port_range: PortRange::default(),
+        drain_timeout_hours: 4,
+        min_warm: 0,
+        max_workers: 10,
+        tags: BTreeMap::new(),
+    }
+}
+
 fn book(w: &mut WorkerSnapshot, id: &str, window: TimeWindow, usage: Capacity) {
     w.timeline.insert(id, window, usage);
     w.live_instances += 1;
@@ -118,7 +139,7 @@ fn book(w: &mut WorkerSnapshot, id: &str, window: TimeWindow, usage: Capacity) {
 /// Every worker's bookings and ports, to prove a call changed nothing.
 fn fingerprint(fleet: &FleetSnapshot) -> Vec<(CapacityTimeline, PortAllocator, u32)> {
     fleet
-        .workers
+        .workers()
         .iter()
         .map(|w| (w.timeline.clone(), w.ports.clone(), w.live_instances))
         .collect()
@@ -486,7 +507,7 @@ fn ties_go_to_fewest_free_ports_then_smallest_id() {
     );
     // w-c holds a port (of an instance whose booking is elsewhere in time): fewest free ports.
     let held = BTreeMap::from([("serial_1".to_string(), 2000u16)]);
-    let c = fleet.get_mut("w-c").expect("exists");
+    let mut c = fleet.get_mut("w-c").expect("exists");
     c.add_booking(
         "old",
         TimeWindow::new(at(0), at(60)),
@@ -494,6 +515,7 @@ fn ties_go_to_fewest_free_ports_then_smallest_id() {
         &held,
     )
     .expect("free");
+    drop(c);
     assert_eq!(
         place(&fleet, &req, &BinPack).map(|c| c.worker_id),
         Ok("w-c".into())
@@ -506,8 +528,9 @@ fn ties_go_to_fewest_free_ports_then_smallest_id() {
         .collect();
     assert_eq!(ids, ["w-c", "w-a", "w-b"]);
     // A higher score beats the port tie-break.
-    let b = fleet.get_mut("w-b").expect("exists");
-    book(b, "busy", req.window, Capacity::new(1, 0, 0, 0));
+    let mut b = fleet.get_mut("w-b").expect("exists");
+    book(&mut b, "busy", req.window, Capacity::new(1, 0, 0, 0));
+    drop(b);
     assert_eq!(
         place(&fleet, &req, &BinPack).map(|c| c.worker_id),
         Ok("w-b".into())
@@ -757,6 +780,12 @@ fn batch_accounts_for_its_own_placements() {
     assert_eq!(a.timeline.peak(&reqs[0].window).cpu_cores, 40);
     assert_eq!(a.ports.used_count(), 4);
     assert_eq!(a.live_instances, 2);
+    // The summaries the filters read follow the batch's bookings.
+    for (w, s) in fleet.workers().iter().zip(fleet.summaries()) {
+        assert_eq!(*s, WorkerSummary::of(w, s.image), "{}", w.id);
+    }
+    let a = fleet.index_of("w-a").expect("exists");
+    assert_eq!(fleet.summaries()[a].free_ports, 8000 - 4);
     // The second instance on w-a got the next ports.
     match &out.get("i-2").expect("decided").decision {
         Decision::Placed {
@@ -909,21 +938,7 @@ fn plan_ranks_candidates_and_lists_every_rejected_worker() {
 
 #[test]
 fn check_worker_answers_for_a_hypothetical_worker() {
-    let template = ccm_core::model::WorkerTemplate {
-        name: "personal-metal".into(),
-        description: String::new(),
-        instance_type: "m5zn.metal".into(),
-        capacity: Capacity::new(48, 192, 500, 500),
-        license_type: LicenseType::Personal,
-        ami_pattern: "CML-2.9.*".into(),
-        regions: vec![],
-        startup_minutes: 20,
-        port_range: PortRange::default(),
-        drain_timeout_hours: 4,
-        min_warm: 0,
-        max_workers: 10,
-        tags: BTreeMap::new(),
-    };
+    let template = personal_metal();
     let w =
         WorkerSnapshot::hypothetical("new", &template, WorkerState::Running, t0()).expect("valid");
     assert_eq!(
@@ -938,4 +953,168 @@ fn check_worker_answers_for_a_hypothetical_worker() {
             limit: 20
         })
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The filters without the state, for the autoscaler
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn check_fit_ignores_the_state_and_takes_free_ports_and_ami_from_the_caller() {
+    let req = ami_request("i-1");
+    let mut w = personal("w-1");
+    w.state = WorkerState::Stopped;
+    assert_eq!(
+        check_worker(&w, &req),
+        Err(RejectReason::NotRunning {
+            state: WorkerState::Stopped
+        })
+    );
+    let ami = ami_check(
+        &req.ami_requirements,
+        w.ami_name.as_deref(),
+        w.cml_version.as_deref(),
+    );
+    assert_eq!(ami, Ok(()));
+    let summary = WorkerSummary::of(&w, 0);
+    assert_eq!(
+        check_fit(&summary, &w.timeline, ami, &req, &req.window),
+        Ok(Capacity::new(4, 16, 30, 5))
+    );
+    // The caller's free ports, not the worker's.
+    let few = WorkerSummary {
+        free_ports: 2,
+        ..summary
+    };
+    assert_eq!(
+        check_fit(&few, &w.timeline, Ok(()), &req, &req.window),
+        Err(RejectReason::InsufficientPorts)
+    );
+    // The caller's AMI verdict, in the AMI filter's place in the order (after the licence).
+    assert_eq!(
+        check_fit(
+            &summary,
+            &w.timeline,
+            Err(RejectReason::AmiVersion),
+            &req,
+            &req.window
+        ),
+        Err(RejectReason::AmiVersion)
+    );
+    let mut enterprise_only = req.clone();
+    enterprise_only.license_affinity = vec![LicenseType::Enterprise];
+    assert_eq!(
+        check_fit(
+            &summary,
+            &w.timeline,
+            Err(RejectReason::AmiVersion),
+            &enterprise_only,
+            &req.window
+        ),
+        Err(RejectReason::LicenceAffinity {
+            licence: LicenseType::Personal
+        })
+    );
+    // A legacy worker is still refused.
+    let legacy = WorkerSummary {
+        managed: false,
+        ..summary
+    };
+    assert_eq!(
+        check_fit(&legacy, &w.timeline, Ok(()), &req, &req.window),
+        Err(RejectReason::Legacy)
+    );
+    // The window is the caller's: a booking before a clamped start does not count.
+    book(
+        &mut w,
+        "early",
+        TimeWindow::new(req.window.start, req.window.start + Duration::minutes(30)),
+        Capacity::new(45, 0, 0, 0),
+    );
+    assert_eq!(
+        check_fit(&summary, &w.timeline, Ok(()), &req, &req.window),
+        Err(RejectReason::Insufficient {
+            dimension: Dimension::Cpu
+        })
+    );
+    let clamped = TimeWindow::new(req.window.start + Duration::minutes(30), req.window.end);
+    assert_eq!(
+        check_fit(&summary, &w.timeline, Ok(()), &req, &clamped),
+        Ok(Capacity::new(4, 16, 30, 5))
+    );
+}
+
+#[test]
+fn check_fit_on_a_template_agrees_with_check_worker_on_its_hypothetical_worker() {
+    let mut template = ccm_core::model::WorkerTemplate {
+        port_range: PortRange {
+            start: 2000,
+            end: 2003,
+        },
+        ..personal_metal()
+    };
+    let mut nested = request("i-nested");
+    nested.nested_virt = true;
+    let requests = [
+        request("i-1"),
+        request_at("i-30", Capacity::new(4, 16, 30, 30), 1, 600, 60, 0),
+        request_at("i-cpu", Capacity::new(64, 16, 30, 5), 1, 600, 60, 0),
+        request_at("i-ports", Capacity::new(1, 1, 1, 1), 5, 600, 60, 0),
+        nested,
+    ];
+    for nested_virt in [true, false] {
+        template.nested_virt = nested_virt;
+        let w = WorkerSnapshot::hypothetical("new", &template, WorkerState::Running, t0())
+            .expect("valid");
+        let summary = WorkerSummary::of_template(&template, WorkerState::Running);
+        assert_eq!(summary, WorkerSummary::of(&w, 0));
+        for req in &requests {
+            assert_eq!(
+                check_fit(&summary, &w.timeline, Ok(()), req, &req.window),
+                check_worker(&w, req),
+                "{} (nested_virt {nested_virt})",
+                req.instance_id
+            );
+        }
+    }
+}
+
+#[test]
+fn ami_checks_split_into_name_and_version() {
+    let reqs = vec![
+        AmiRequirement {
+            name_pattern: "CML-2.*".into(),
+            min_version: None,
+        },
+        AmiRequirement {
+            name_pattern: String::new(),
+            min_version: Some(Version::new(2, 9, 0)),
+        },
+    ];
+    assert_eq!(ami_name_check(&reqs, Some("CML-2.8.0")), Ok(()));
+    assert_eq!(
+        ami_name_check(&reqs, Some("CML-3.0.0")),
+        Err(RejectReason::AmiPattern)
+    );
+    assert_eq!(ami_name_check(&reqs, None), Err(RejectReason::AmiPattern));
+    assert_eq!(ami_version_check(&reqs, Some("2.9.0")), Ok(()));
+    assert_eq!(
+        ami_version_check(&reqs, Some("2.8.9")),
+        Err(RejectReason::AmiVersion)
+    );
+    assert_eq!(
+        ami_version_check(&reqs, None),
+        Err(RejectReason::AmiVersion)
+    );
+    // Both: the name first.
+    assert_eq!(
+        ami_check(&reqs, Some("CML-3.0.0"), Some("2.8.0")),
+        Err(RejectReason::AmiPattern)
+    );
+    assert_eq!(
+        ami_check(&reqs, Some("CML-2.8.0"), Some("2.8.0")),
+        Err(RejectReason::AmiVersion)
+    );
+    assert_eq!(ami_check(&reqs, Some("CML-2.9.1"), Some("2.9.1")), Ok(()));
+    assert_eq!(ami_check(&[], None, None), Ok(()));
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ccm_core::capacity::CapacityTimeline;
-use ccm_core::fleet::{FleetSnapshot, PlacementRequest, WorkerSnapshot};
+use ccm_core::fleet::{FleetSnapshot, PlacementRequest, WorkerSnapshot, WorkerSummary};
 use ccm_core::model::{
     AmiRequirement, Capacity, LicenseType, PortRange, TimeSlot, TimeWindow, WorkerState,
 };
@@ -424,7 +424,8 @@ fn run_batch(
     prop_assert_eq!(out.entries.len(), requests.len());
 
     // The batch decides exactly as one `place` after another on a snapshot updated by hand
-    // (the batch path uses per-class AMI verdicts, `place` a per-decision cache).
+    // (the batch books through `FleetSnapshot::book`, the replay through the `worker_mut` guard:
+    // both must keep the worker summaries the filters read in step).
     for e in &out.entries {
         let req = &requests[e.request_index];
         match (place(&replay, req, scorer), &e.decision) {
@@ -439,7 +440,7 @@ fn run_batch(
             ) => {
                 prop_assert_eq!(&choice.worker_id, worker_id);
                 prop_assert_eq!(choice.score.to_bits(), score.to_bits());
-                let w = &mut replay.workers[choice.worker_index];
+                let mut w = replay.worker_mut(choice.worker_index).expect("in range");
                 let p = w
                     .ports
                     .allocate(&req.instance_id, &req.port_names)
@@ -473,7 +474,7 @@ fn run_batch(
                 ..
             } => {
                 let spec = &worker_specs[*worker_index];
-                prop_assert_eq!(worker_id, &fleet.workers[*worker_index].id);
+                prop_assert_eq!(worker_id, &fleet.workers()[*worker_index].id);
                 // Only eligible workers take placements.
                 prop_assert_eq!(spec.state, WorkerState::Running);
                 prop_assert!(!spec.legacy);
@@ -506,7 +507,10 @@ fn run_batch(
         }
     }
 
-    for (i, w) in fleet.workers.iter().enumerate() {
+    for (i, w) in fleet.workers().iter().enumerate() {
+        // The summaries the filters read are in step with the workers after the batch.
+        let s = fleet.summaries()[i];
+        prop_assert_eq!(s, WorkerSummary::of(w, s.image));
         // Never over capacity at any instant (independent of CapacityTimeline).
         let peak = brute_peak(&bookings[i]);
         let cap = worker_specs[i].cap;

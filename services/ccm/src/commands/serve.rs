@@ -1,0 +1,45 @@
+//! `ccm serve …`: run one service in the foreground until SIGINT or SIGTERM.
+
+use ccm_control_plane::{ControlPlaneArgs, ControlPlaneConfig};
+
+use crate::error::CliError;
+
+/// Runs the control plane with the layered configuration.
+pub fn control_plane(args: &ControlPlaneArgs) -> Result<(), CliError> {
+    let config = ControlPlaneConfig::load(args)?;
+    crate::logging::init(&config.telemetry.log_format);
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)?;
+    runtime.block_on(async {
+        ccm_control_plane::run::run(&config, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested");
+}
