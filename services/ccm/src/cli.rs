@@ -66,7 +66,7 @@ pub struct DevArgs {
 #[derive(Debug, Subcommand)]
 pub enum ServeCommand {
     /// The single writer of state: public and internal gRPC APIs.
-    ControlPlane(ControlPlaneArgs),
+    ControlPlane(Box<ControlPlaneArgs>),
     /// Leader-elected placement of booked instances.
     Scheduler,
     /// Leader-elected reconcilers and the autoscaler.
@@ -117,7 +117,7 @@ impl Service {
 pub enum ConfigCommand {
     /// Print the effective configuration of the control plane (defaults → file → environment →
     /// flags), secrets redacted.
-    Print(ControlPlaneArgs),
+    Print(Box<ControlPlaneArgs>),
 }
 
 /// `ccm lab …`

@@ -20,7 +20,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         } => serve::control_plane(&args),
         Command::Serve { service } => Err(CliError::NotAvailableYet {
             command: format!("serve {}", service.service().name()),
-            what: "this service is being built on the control plane in this build",
+            what: "the scheduler, controller and gateway processes are not built yet; the control plane is (`ccm serve control-plane`)",
         }),
         Command::Simulate { .. } => Err(CliError::NotAvailableYet {
             command: "simulate".into(),

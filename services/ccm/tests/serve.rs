@@ -42,6 +42,11 @@ async fn control_plane_serves_grpc_and_stops_on_sigterm() {
             &dir.display().to_string(),
         ])
         .env("CCM_STORE__SQLITE_PATH", dir.join("ccm.sqlite3"))
+        .env(
+            "CCM_TEMPLATES_SEED_FILE",
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../config/worker-templates.yaml"),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -68,15 +73,19 @@ async fn control_plane_serves_grpc_and_stops_on_sigterm() {
         .status;
     assert_eq!(status, 1, "SERVING");
 
-    // A real ccm RPC reaches its handler (anything but UNAUTHENTICATED/UNIMPLEMENTED-at-routing
-    // proves the service is registered behind the auth layer in disabled mode).
+    // The templates of config/worker-templates.yaml were seeded at startup and are served.
     let mut templates = TemplateServiceClient::new(channel);
-    let reply = templates
+    let listed = templates
         .list_templates(ccm_proto::v1::ListTemplatesRequest::default())
-        .await;
-    if let Err(status) = &reply {
-        assert_ne!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
-    }
+        .await
+        .expect("ListTemplates answers")
+        .into_inner();
+    let names: Vec<_> = listed.templates.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["enterprise-m5zn-metal", "personal-m5zn-metal"],
+        "sorted by name"
+    );
 
     terminate(&running.0);
     let started = Instant::now();

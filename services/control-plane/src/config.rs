@@ -257,6 +257,9 @@ pub struct ControlPlaneConfig {
     pub max_message_size: usize,
     /// Time in-flight calls get to finish at shutdown (`shutdown_grace_period`).
     pub shutdown_grace_period: Duration,
+    /// Worker templates to create at startup when missing (`templates_seed_file`; YAML, see
+    /// docs/templates.md). Existing templates are never changed. None: no seeding.
+    pub templates_seed_file: Option<PathBuf>,
     /// Logs and traces (`telemetry.*`).
     pub telemetry: TelemetryConfig,
     sources: BTreeMap<&'static str, ConfigSource>,
@@ -274,6 +277,7 @@ impl PartialEq for ControlPlaneConfig {
             && self.concurrency_limit == other.concurrency_limit
             && self.max_message_size == other.max_message_size
             && self.shutdown_grace_period == other.shutdown_grace_period
+            && self.templates_seed_file == other.templates_seed_file
             && self.telemetry == other.telemetry
     }
 }
@@ -307,6 +311,7 @@ impl Default for ControlPlaneConfig {
             concurrency_limit: DEFAULT_CONCURRENCY_LIMIT,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             shutdown_grace_period: DEFAULT_SHUTDOWN_GRACE_PERIOD,
+            templates_seed_file: None,
             telemetry: TelemetryConfig {
                 log_format: LogFormat::Text,
                 otlp_endpoint: None,
@@ -399,6 +404,12 @@ pub const KEYS: &[KeySpec] = &[
         env: "CCM_SHUTDOWN_GRACE_PERIOD",
         flag: "--shutdown-grace-period",
         kind: KeyKind::Duration,
+    },
+    KeySpec {
+        key: "templates_seed_file",
+        env: "CCM_TEMPLATES_SEED_FILE",
+        flag: "--templates-seed-file",
+        kind: KeyKind::Text,
     },
     KeySpec {
         key: "store.backend",
@@ -535,6 +546,9 @@ pub struct ControlPlaneArgs {
     /// Time in-flight calls get at shutdown [default: 30s].
     #[arg(long = "shutdown-grace-period", value_name = "DURATION")]
     pub shutdown_grace_period: Option<String>,
+    /// Worker templates YAML to seed at startup (missing ones are created, none changed).
+    #[arg(long = "templates-seed-file", value_name = "PATH")]
+    pub templates_seed_file: Option<String>,
     /// State store: sqlite or mongodb [default: sqlite].
     #[arg(long = "store-backend", value_name = "BACKEND")]
     pub store_backend: Option<String>,
@@ -595,6 +609,7 @@ impl ControlPlaneArgs {
             ("concurrency_limit", &self.concurrency_limit),
             ("max_message_size", &self.max_message_size),
             ("shutdown_grace_period", &self.shutdown_grace_period),
+            ("templates_seed_file", &self.templates_seed_file),
             ("store.backend", &self.store_backend),
             ("store.sqlite_path", &self.store_sqlite_path),
             ("store.mongodb_uri", &self.store_mongodb_uri),
@@ -1100,6 +1115,10 @@ fn resolve(
     let shutdown_grace_period = r
         .duration("shutdown_grace_period")?
         .unwrap_or(d.shutdown_grace_period);
+    let templates_seed_file = r
+        .text("templates_seed_file")?
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from);
 
     let store_backend = r
         .choice("store.backend", STORE_BACKENDS)?
@@ -1172,6 +1191,7 @@ fn resolve(
         concurrency_limit,
         max_message_size,
         shutdown_grace_period,
+        templates_seed_file,
         telemetry,
         sources: r.sources,
     })
@@ -1458,6 +1478,12 @@ impl ControlPlaneConfig {
                 toml::Value::String(format_duration(self.shutdown_grace_period)),
             ),
         ];
+        if let Some(path) = &self.templates_seed_file {
+            lines.push((
+                "templates_seed_file",
+                toml::Value::String(path.display().to_string()),
+            ));
+        }
         match &self.store {
             StoreConfig::Sqlite { path } => {
                 lines.push(("store.backend", toml::Value::String("sqlite".into())));

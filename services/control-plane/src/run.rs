@@ -118,6 +118,12 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     let Assembly { app, auth, sink } = assemble(config).await?;
+    if let Some(path) = &config.templates_seed_file {
+        let report = crate::seed::seed_templates_file(&app, path)
+            .await
+            .map_err(|e| ControlPlaneError::Setup(format!("seeding {}: {e}", path.display())))?;
+        tracing::info!(created = ?report.created, skipped = ?report.skipped, "worker templates seeded");
+    }
     let settings = ServerSettings::from(config);
     let mut set = ServiceSet::new(&settings);
     register_all(&mut set, &app)?;

@@ -592,7 +592,7 @@ async fn test_create_refuses_bad_input_with_every_violation_and_writes_nothing()
     ];
     for (bad, field) in cases {
         let mut req = booking(start, 60);
-        req.time_slot = Some(bad.clone());
+        req.time_slot = Some(bad);
         let s = c.create_instance(req).await.expect_err("refused");
         assert_eq!(violation_fields(&s), [field], "{bad:?}");
     }

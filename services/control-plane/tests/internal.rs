@@ -1305,6 +1305,16 @@ async fn worker_reports_merge_observations_and_map_ec2_states_through_the_state_
     assert_eq!(w.state(), pb::WorkerState::Running);
     let cml = w.cml.as_ref().expect("cml");
     assert_eq!((cml.version.as_str(), cml.labs_count), ("2.9.0", 1));
+    // The synced labs are kept in the worker's labs snapshot (WorkerService reads it).
+    use ccm_control_plane::services::workers::{labs_from_snapshot, labs_snapshot_id};
+    let snapshot: pb::WorkerOperation = get(&env.plane.app, &labs_snapshot_id("w-1")).await;
+    let (labs, synced) = labs_from_snapshot(&snapshot).expect("labs");
+    assert_eq!(labs.len(), 1);
+    assert_eq!(
+        (labs[0].lab_id.as_str(), labs[0].worker_id.as_str()),
+        ("lab-1", "w-1")
+    );
+    assert!(synced.is_some());
     assert_eq!(w.ec2.as_ref().expect("ec2").public_ip, "198.51.100.9");
     assert!(!w.ec2.as_ref().expect("ec2").instance_id.is_empty(), "kept");
     assert_eq!(
@@ -1329,6 +1339,30 @@ async fn worker_reports_merge_observations_and_map_ec2_states_through_the_state_
         .expect("worker");
     assert_eq!(w.service_status(), pb::CmlServiceStatus::Error);
     assert_eq!(w.cml.as_ref().expect("cml").version, "2.9.0");
+    let snapshot: pb::WorkerOperation = get(&env.plane.app, &labs_snapshot_id("w-1")).await;
+    assert_eq!(
+        labs_from_snapshot(&snapshot).expect("labs").0.len(),
+        1,
+        "not a sync: kept"
+    );
+    // A full sync with no labs empties it.
+    let w = env
+        .client
+        .report_worker(report(
+            pb::WorkerObservation {
+                labs_synced: true,
+                ..Default::default()
+            },
+            0,
+        ))
+        .await
+        .expect("report")
+        .into_inner()
+        .worker
+        .expect("worker");
+    assert_eq!(w.cml.as_ref().expect("cml").labs_count, 0);
+    let snapshot: pb::WorkerOperation = get(&env.plane.app, &labs_snapshot_id("w-1")).await;
+    assert!(labs_from_snapshot(&snapshot).expect("labs").0.is_empty());
     assert_eq!(w.utilization.as_ref().expect("u").cpu_percent, 42.0);
     // Stale version.
     let err = env
@@ -1470,6 +1504,32 @@ async fn workers_transition_through_the_state_machine_and_drains_record_their_de
         w.ec2.as_ref().expect("ec2").instance_id,
         "i-0123456789abcdef0"
     );
+    let aws = ccm_control_plane::services::workers::aws_instance_claim("i-0123456789abcdef0");
+    let holder = env
+        .plane
+        .app
+        .store
+        .claim_holder(&aws)
+        .await
+        .expect("holder");
+    assert_eq!(holder.map(|h| h.id), Some("w-new".to_owned()));
+    // One EC2 instance backs one worker.
+    put(
+        &env.plane.app,
+        &mut worker("w-twin", pb::WorkerState::Pending, 48, 192, (2000, 9999)),
+    )
+    .await;
+    let err = env
+        .client
+        .transition_worker(pb::TransitionWorkerRequest {
+            aws_instance_id: "i-0123456789abcdef0".into(),
+            ..req("w-twin", W::Pending, W::Provisioning)
+        })
+        .await
+        .expect_err("instance taken");
+    assert_eq!(err.code(), tonic::Code::AlreadyExists);
+    let twin: pb::CmlWorker = get(&env.plane.app, "w-twin").await;
+    assert_eq!(twin.state(), W::Pending);
     assert_eq!(
         events_of(&env.plane, "ccm.worker.provisioning.started").len(),
         1

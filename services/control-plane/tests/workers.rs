@@ -629,7 +629,7 @@ async fn test_drain_and_cancel_drain_go_through_the_worker_state_machine() {
     );
     assert_eq!(drain.requested_by, "user:anonymous");
     assert_eq!(drain.instances_at_start, 1);
-    assert_eq!(drained.instance_ids, [running.id.clone()]);
+    assert_eq!(drained.instance_ids, std::slice::from_ref(&running.id));
     let events = events_of_type(&plane, "ccm.worker.draining");
     assert_eq!(events.len(), 1);
     let d = data_of(&events[0]);

@@ -183,7 +183,7 @@ pub fn check_instance_transition(
                 Err(refuse(
                     from,
                     to,
-                    "a retry record stays inside INSTANTIATING (domain.md §11.3)",
+                    "a retry record stays inside INSTANTIATING",
                 ))
             }
         }
@@ -192,7 +192,7 @@ pub fn check_instance_transition(
                 Err(refuse(
                     from,
                     to,
-                    "force-terminate is for system or admin actors (domain.md §11.2)",
+                    "force-terminate is for system or admin actors",
                 ))
             } else if to != InstanceState::Terminated {
                 Err(refuse(from, to, "force-terminate only leads to TERMINATED"))
@@ -209,11 +209,15 @@ pub fn check_instance_transition(
                 Err(refuse(
                     from,
                     to,
-                    "not an edge of domain.md §2.1: stop the lab first, or force-terminate as \
+                    "not a transition of the instance lifecycle: stop the lab first, or force-terminate as \
                      system/admin",
                 ))
             } else {
-                Err(refuse(from, to, "not an edge of domain.md §2.1"))
+                Err(refuse(
+                    from,
+                    to,
+                    "not a transition of the instance lifecycle",
+                ))
             }
         }
     }

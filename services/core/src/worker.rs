@@ -133,9 +133,9 @@ pub fn check_worker_transition(
     if !allowed_next_states(from).contains(&to) {
         let why = match (from, to) {
             (WorkerState::Draining, WorkerState::Stopped) => {
-                "a DRAINING worker always goes through STOPPING (domain.md §11.4)"
+                "a DRAINING worker always goes through STOPPING"
             }
-            _ => "not an edge of domain.md §2.2",
+            _ => "not a transition of the worker lifecycle",
         };
         return Err(refuse(from, to, why));
     }

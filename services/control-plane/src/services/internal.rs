@@ -4,7 +4,7 @@
 //!
 //! # Fencing
 //!
-//! Every call first checks its [`pb::LeaderFence`] ([`Internals::fence`]): the fence must be
+//! Every call first checks its [`pb::LeaderFence`] (`Internals::fence`): the fence must be
 //! present and well formed (`INVALID_ARGUMENT`), its role must be allowed to make the call
 //! (`PERMISSION_DENIED`; placements are the scheduler's, worker and scaling writes the
 //! controller's), its epoch must be the role's current epoch (`FAILED_PRECONDITION`, reason
@@ -234,7 +234,7 @@ pub(crate) fn set_condition(
                 || existing.reason != condition.reason
                 || existing.message != condition.message;
             if existing.status != condition.status {
-                existing.last_transition_at = now_ts.clone();
+                existing.last_transition_at = now_ts;
             }
             existing.status = condition.status;
             existing.reason = condition.reason.clone();
@@ -244,7 +244,7 @@ pub(crate) fn set_condition(
         }
         None => {
             let mut c = condition.clone();
-            c.last_transition_at = now_ts.clone();
+            c.last_transition_at = now_ts;
             c.last_probe_at = now_ts;
             conditions.push(c);
             true
@@ -553,6 +553,243 @@ fn opt_timestamp(
     ts.and_then(|t| v.absorb(timestamp_from_proto(t, field)))
 }
 
+/// What the placement commit needs of a live instance: its id, definition, worker, ports
+/// and slot. Read straight from the stored canonical proto3 JSON (lowerCamelCase names,
+/// RFC 3339 timestamps) with a small serde projection, which is several times cheaper than
+/// decoding the whole instance; a body the projection cannot read is decoded in full.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LiveBooking {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    definition_id: String,
+    #[serde(default)]
+    definition_version: String,
+    #[serde(default)]
+    worker_id: String,
+    #[serde(default)]
+    allocated_ports: HashMap<String, i32>,
+    #[serde(default, rename = "timeSlot", deserialize_with = "slot_of")]
+    slot: Option<ccm_core::model::TimeSlot>,
+}
+
+#[derive(serde::Deserialize)]
+struct SlotJson {
+    start: Option<DateTime<Utc>>,
+    end: Option<DateTime<Utc>>,
+    #[serde(default)]
+    asap: bool,
+}
+
+fn slot_of<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<ccm_core::model::TimeSlot>, D::Error> {
+    let raw: Option<SlotJson> = serde::Deserialize::deserialize(d)?;
+    Ok(raw.and_then(|s| {
+        Some(ccm_core::model::TimeSlot {
+            start: s.start?,
+            end: s.end?,
+            asap: s.asap,
+        })
+    }))
+}
+
+impl LiveBooking {
+    fn of(doc: &ccm_store::Document) -> Result<LiveBooking, ApiError> {
+        if let Ok(b) = serde_json::from_str::<LiveBooking>(doc.body.as_str())
+            && b.id == doc.id
+        {
+            return Ok(b);
+        }
+        let i: pb::LabletInstance = crate::repo::decode(doc)?;
+        Ok(LiveBooking {
+            slot: convert::time_slot_from_proto(i.time_slot.as_ref(), "time_slot").ok(),
+            id: i.id,
+            definition_id: i.definition_id,
+            definition_version: i.definition_version,
+            worker_id: i.worker_id,
+            allocated_ports: i.allocated_ports,
+        })
+    }
+}
+
+/// A placement that passed every check, waiting to be written.
+struct Accepted {
+    slot: usize,
+    instance: pb::LabletInstance,
+    /// The worker at the version the decision named, when it named one.
+    guard: Option<pb::CmlWorker>,
+    worker_id: String,
+    ports: HashMap<String, i32>,
+    score: f64,
+}
+
+/// The writes, audit record and CloudEvent of one accepted placement, and the instance's new
+/// resource version.
+fn placement_mutation(
+    a: Accepted,
+    origin: &Origin,
+    factory: &ccm_cloudevents::EventFactory,
+    now: DateTime<Utc>,
+) -> Result<(i64, Mutation), ApiError> {
+    let Accepted {
+        mut instance,
+        guard,
+        worker_id,
+        ports,
+        score,
+        ..
+    } = a;
+    let mut m = Mutation::at(now);
+    if let Some(worker) = &guard {
+        m.guard(worker);
+    }
+    let claims = ports
+        .values()
+        .map(|port| port_claim(&worker_id, *port))
+        .collect();
+    m.update(&mut instance, ClaimChange::Replace(claims))?;
+    m.append(
+        LogKind::Audit,
+        audit_log_entry(
+            origin,
+            now,
+            "instance.schedule",
+            pb::ResourceKind::Instance,
+            &instance.id,
+            pb::InstanceState::Pending.as_str_name(),
+            pb::InstanceState::Scheduled.as_str_name(),
+            ccm_core::instance::REASON_SCHEDULED,
+            json!({
+                "worker_id": worker_id,
+                "allocated_ports": ports_json(&ports),
+                "score": score,
+            }),
+        )?,
+    );
+    m.emit(factory.instance_state(
+        &instance.id,
+        CoreInstanceState::Scheduled,
+        json!({
+            "instance_id": instance.id,
+            "worker_id": worker_id,
+            "allocated_ports": ports_json(&ports),
+        }),
+        now,
+    ));
+    Ok((instance.resource_version, m))
+}
+
+/// Below this many items the work is done inline rather than spread over threads.
+const PARALLEL_MIN_ITEMS: usize = 64;
+/// Most threads one batch is spread over.
+const PARALLEL_MAX_THREADS: usize = 4;
+
+/// Applies `f` to every item on the blocking pool, in chunks, keeping the order.
+async fn map_parallel<T, R, F>(items: Vec<T>, f: F) -> Result<Vec<R>, ApiError>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(T) -> Result<R, ApiError> + Send + Sync + 'static,
+{
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(PARALLEL_MAX_THREADS);
+    if items.len() < PARALLEL_MIN_ITEMS || threads < 2 {
+        return items.into_iter().map(f).collect();
+    }
+    let f = Arc::new(f);
+    let per = items.len().div_ceil(threads);
+    let mut chunks = Vec::with_capacity(threads);
+    let mut rest = items;
+    while !rest.is_empty() {
+        let tail = rest.split_off(per.min(rest.len()));
+        chunks.push(std::mem::replace(&mut rest, tail));
+    }
+    let tasks: Vec<_> = chunks
+        .into_iter()
+        .map(|chunk| {
+            let f = f.clone();
+            tokio::task::spawn_blocking(move || {
+                chunk
+                    .into_iter()
+                    .map(|t| f(t))
+                    .collect::<Result<Vec<R>, ApiError>>()
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for task in tasks {
+        out.extend(
+            task.await
+                .map_err(|e| ApiError::internal("a parallel task failed", e))??,
+        );
+    }
+    Ok(out)
+}
+
+/// Decodes documents (on the blocking pool for large batches), keeping the order.
+async fn decode_all<E: crate::repo::Entity>(
+    docs: Vec<ccm_store::Document>,
+) -> Result<Vec<E>, ApiError> {
+    map_parallel(docs, |d| crate::repo::decode::<E>(&d)).await
+}
+
+/// An audit log entry written directly as canonical proto3 JSON of a [`pb::AuditRecord`]
+/// (what [`crate::record::audit_from_entry`] reads), without the reflection encoder: the hot
+/// path of the placement commit writes a thousand of them per batch.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn audit_log_entry(
+    origin: &Origin,
+    at: DateTime<Utc>,
+    action: &str,
+    kind: pb::ResourceKind,
+    resource_id: &str,
+    from_state: &str,
+    to_state: &str,
+    reason: &str,
+    details: Value,
+) -> Result<LogEntry, ApiError> {
+    let at = ccm_store::truncate_to_millis(at);
+    let id = uuid::Uuid::new_v4();
+    let mut body = serde_json::Map::new();
+    let mut put = |key: &str, value: &str| {
+        if !value.is_empty() {
+            body.insert(key.to_owned(), Value::String(value.to_owned()));
+        }
+    };
+    put("id", &id.to_string());
+    put(
+        "at",
+        &at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+    );
+    put("actor", &origin.actor);
+    put("actorKind", origin.actor_kind.as_str_name());
+    put("action", action);
+    put("resourceKind", kind.as_str_name());
+    put("resourceId", resource_id);
+    put("fromState", from_state);
+    put("toState", to_state);
+    put("reason", reason);
+    put("method", &origin.method);
+    put("traceId", &origin.request_id);
+    if details.is_object() {
+        body.insert("details".to_owned(), details);
+    }
+    let body = ccm_store::Body::from_serialize(&Value::Object(body))
+        .map_err(|e| ApiError::internal("encoding an audit record", e))?;
+    Ok(LogEntry {
+        id,
+        at,
+        resource_kind: kind.as_str_name().to_owned(),
+        resource_id: resource_id.to_owned(),
+        actor: origin.actor.clone(),
+        action: action.to_owned(),
+        body,
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // The service
 // ---------------------------------------------------------------------------------------------
@@ -626,30 +863,50 @@ impl Internals {
         Ok(Origin::service(&f.role).in_call(&method(rpc), request_id))
     }
 
-    /// The live (resource-holding) instances of `worker_id`.
-    async fn live_instances(&self, worker_id: &str) -> Result<Vec<pb::LabletInstance>, ApiError> {
-        let mut out = Vec::new();
-        let mut token = None;
-        loop {
-            let page = self
-                .app
-                .store
-                .list(
-                    Query::new(Kind::Instance)
-                        .with_filter(Filter::eq(IndexField::WorkerId, worker_id))
-                        .with_filter(Filter::any_of(IndexField::State, holding_states()))
-                        .with_page_size(LIVE_INSTANCES_PAGE)
-                        .after(token),
-                )
-                .await?;
-            for doc in &page.items {
-                out.push(crate::repo::decode::<pb::LabletInstance>(doc)?);
-            }
-            match page.next_page_token {
-                Some(t) => token = Some(t),
-                None => return Ok(out),
+    /// The bookings of the live (resource-holding) instances on `worker_ids`, read as a
+    /// projection of their stored JSON ([`LiveBooking`]).
+    async fn live_bookings(&self, worker_ids: &[String]) -> Result<Vec<LiveBooking>, ApiError> {
+        let mut docs = Vec::new();
+        for chunk in worker_ids.chunks(ccm_store::MAX_IN_VALUES) {
+            let mut token = None;
+            loop {
+                let page = self
+                    .app
+                    .store
+                    .list(
+                        Query::new(Kind::Instance)
+                            .with_filter(Filter::any_of(
+                                IndexField::WorkerId,
+                                chunk.iter().cloned(),
+                            ))
+                            .with_filter(Filter::any_of(IndexField::State, holding_states()))
+                            .with_page_size(LIVE_INSTANCES_PAGE)
+                            .after(token),
+                    )
+                    .await?;
+                docs.extend(page.items);
+                match page.next_page_token {
+                    Some(t) => token = Some(t),
+                    None => break,
+                }
             }
         }
+        map_parallel(docs, |d| LiveBooking::of(&d)).await
+    }
+
+    /// How many instances hold resources on `worker_id`.
+    async fn live_count(&self, worker_id: &str) -> Result<u64, ApiError> {
+        Ok(self
+            .app
+            .store
+            .count(
+                Kind::Instance,
+                &[
+                    Filter::eq(IndexField::WorkerId, worker_id),
+                    Filter::any_of(IndexField::State, holding_states()),
+                ],
+            )
+            .await?)
     }
 
     /// Definitions by document id (`<id>@<version>`), read in bulk.
@@ -688,7 +945,6 @@ impl Internals {
             .await?;
 
         // Validate everything first.
-        let mut v = Violations::new();
         if req.placements.len() > MAX_PLACEMENTS_PER_BATCH {
             return Err(ApiError::invalid_argument(
                 "placements",
@@ -698,6 +954,7 @@ impl Internals {
                 ),
             ));
         }
+        let mut v = Violations::new();
         let mut seen = HashSet::new();
         for (i, p) in req.placements.iter().enumerate() {
             let field = index_path("placements", i);
@@ -746,21 +1003,13 @@ impl Internals {
         let now = self.app.now();
         let lead = self.app.settings.instantiation_lead;
 
-        // Read what the batch touches, in bulk.
+        // Read what the batch touches, in bulk: the instances, and (at the same time) the
+        // workers with their current bookings.
         let instance_ids: Vec<String> = req
             .placements
             .iter()
             .map(|p| p.instance_id.clone())
             .collect();
-        let mut instances: HashMap<String, pb::LabletInstance> = HashMap::new();
-        for doc in self
-            .app
-            .store
-            .get_many(Kind::Instance, &instance_ids)
-            .await?
-        {
-            instances.insert(doc.id.clone(), crate::repo::decode(&doc)?);
-        }
         let worker_ids: Vec<String> = req
             .placements
             .iter()
@@ -768,15 +1017,41 @@ impl Internals {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let mut workers: HashMap<String, pb::CmlWorker> = HashMap::new();
-        for doc in self.app.store.get_many(Kind::Worker, &worker_ids).await? {
-            workers.insert(doc.id.clone(), crate::repo::decode(&doc)?);
-        }
+        let read_instances = async {
+            let docs = self
+                .app
+                .store
+                .get_many(Kind::Instance, &instance_ids)
+                .await?;
+            decode_all::<pb::LabletInstance>(docs).await
+        };
+        let read_workers = async {
+            let mut workers: HashMap<String, pb::CmlWorker> = HashMap::new();
+            for doc in self.app.store.get_many(Kind::Worker, &worker_ids).await? {
+                workers.insert(doc.id.clone(), crate::repo::decode(&doc)?);
+            }
+            // Only RUNNING managed workers take placements; their bookings are needed.
+            let open: Vec<String> = workers
+                .values()
+                .filter(|w| w.state() == pb::WorkerState::Running && !w.template_name.is_empty())
+                .map(|w| w.id.clone())
+                .collect();
+            let live = self.live_bookings(&open).await?;
+            Ok::<_, ApiError>((workers, open, live))
+        };
+        let (instances, fleet) = tokio::join!(read_instances, read_workers);
+        let instances: HashMap<String, pb::LabletInstance> =
+            instances?.into_iter().map(|i| (i.id.clone(), i)).collect();
+        let (workers, open, live) = fleet?;
         let mut definitions: HashMap<String, pb::LabletDefinition> = HashMap::new();
         self.definitions(
             instances
                 .values()
                 .map(|i| definition_doc_id(&i.definition_id, &i.definition_version))
+                .chain(
+                    live.iter()
+                        .map(|i| definition_doc_id(&i.definition_id, &i.definition_version)),
+                )
                 .collect(),
             &mut definitions,
         )
@@ -784,18 +1059,10 @@ impl Internals {
 
         // The current bookings of every worker that may take a placement.
         let mut books: HashMap<String, WorkerBook> = HashMap::new();
-        for (id, worker) in &workers {
-            if worker.state() != pb::WorkerState::Running || worker.template_name.is_empty() {
+        for id in &open {
+            let Some(worker) = workers.get(id) else {
                 continue;
-            }
-            let live = self.live_instances(id).await?;
-            self.definitions(
-                live.iter()
-                    .map(|i| definition_doc_id(&i.definition_id, &i.definition_version))
-                    .collect(),
-                &mut definitions,
-            )
-            .await?;
+            };
             let declared = worker
                 .declared_capacity
                 .as_ref()
@@ -803,37 +1070,12 @@ impl Internals {
                 .transpose()
                 .map_err(|e| ApiError::internal(format!("worker {id} capacity"), e))?
                 .unwrap_or(Capacity::ZERO);
-            let license = pb::LicenseType::try_from(worker.license_type).unwrap_or_default();
-            let nodes = match license {
+            let nodes = match pb::LicenseType::try_from(worker.license_type).unwrap_or_default() {
                 pb::LicenseType::Personal => declared
                     .nodes
                     .min(ccm_core::defaults::PERSONAL_LICENSE_MAX_NODES),
                 _ => declared.nodes,
             };
-            let mut timeline = CapacityTimeline::new(Capacity { nodes, ..declared });
-            let mut ports = HashMap::new();
-            for inst in &live {
-                for port in inst.allocated_ports.values() {
-                    ports.insert(*port, inst.id.clone());
-                }
-                let usage = definitions
-                    .get(&definition_doc_id(
-                        &inst.definition_id,
-                        &inst.definition_version,
-                    ))
-                    .map(capacity_of_definition);
-                let slot = convert::time_slot_from_proto(inst.time_slot.as_ref(), "time_slot");
-                match (usage, slot) {
-                    (Some(usage), Ok(slot)) => {
-                        timeline.insert(inst.id.clone(), slot.booking_window(lead), usage)
-                    }
-                    _ => tracing::warn!(
-                        instance = %inst.id,
-                        worker = %id,
-                        "live instance without a readable definition or slot; its capacity is not counted"
-                    ),
-                }
-            }
             let range = worker
                 .port_range
                 .as_ref()
@@ -842,19 +1084,43 @@ impl Internals {
                 id.clone(),
                 WorkerBook {
                     worker: worker.clone(),
-                    timeline,
+                    timeline: CapacityTimeline::new(Capacity { nodes, ..declared }),
                     range,
-                    ports,
+                    ports: HashMap::new(),
                 },
             );
+        }
+        for inst in &live {
+            let Some(book) = books.get_mut(&inst.worker_id) else {
+                continue;
+            };
+            for port in inst.allocated_ports.values() {
+                book.ports.insert(*port, inst.id.clone());
+            }
+            let usage = definitions
+                .get(&definition_doc_id(
+                    &inst.definition_id,
+                    &inst.definition_version,
+                ))
+                .map(capacity_of_definition);
+            match (usage, inst.slot) {
+                (Some(usage), Some(slot)) => {
+                    book.timeline
+                        .insert(inst.id.clone(), slot.booking_window(lead), usage)
+                }
+                _ => tracing::warn!(
+                    instance = %inst.id,
+                    worker = %inst.worker_id,
+                    "live instance without a readable definition or slot; its capacity is not counted"
+                ),
+            }
         }
 
         // Decide each item, in order; accepted items book their capacity and ports so later
         // items of the batch see them.
         let actor = actor_of(&origin);
         let mut results: Vec<pb::PlacementResult> = Vec::with_capacity(req.placements.len());
-        let mut mutations = Vec::new();
-        let mut pending_items: Vec<(usize, i64)> = Vec::new();
+        let mut accepted: Vec<Accepted> = Vec::new();
         for p in &req.placements {
             use pb::PlacementOutcome as O;
             let id = p.instance_id.as_str();
@@ -957,8 +1223,7 @@ impl Internals {
                     id,
                     O::PortConflict,
                     format!(
-                        "ports must be exactly the port template's names {:?}, got {:?}",
-                        wanted, given
+                        "ports must be exactly the port template's names {wanted:?}, got {given:?}"
                     ),
                 ));
                 continue;
@@ -1041,57 +1306,38 @@ impl Internals {
                 },
                 now,
             );
-            let mut m = Mutation::at(now);
-            m.guard(&book.worker);
-            let claims = p
-                .allocated_ports
-                .values()
-                .map(|port| port_claim(&p.worker_id, *port))
-                .collect();
-            m.update(&mut inst, ClaimChange::Replace(claims))?;
-            m.audit(
-                &inst,
-                &origin,
-                AuditFacts {
-                    action: "instance.schedule".to_owned(),
-                    from_state: pb::InstanceState::Pending.as_str_name().to_owned(),
-                    to_state: pb::InstanceState::Scheduled.as_str_name().to_owned(),
-                    reason: ccm_core::instance::REASON_SCHEDULED.to_owned(),
-                    details: to_struct(json!({
-                        "worker_id": p.worker_id,
-                        "allocated_ports": ports_json(&p.allocated_ports),
-                        "score": p.score,
-                    })),
-                },
-            );
-            m.emit(self.app.factory.instance_state(
-                id,
-                CoreInstanceState::Scheduled,
-                json!({
-                    "instance_id": id,
-                    "worker_id": p.worker_id,
-                    "allocated_ports": ports_json(&p.allocated_ports),
-                }),
-                now,
-            ));
             book.timeline.insert(id.to_owned(), window, demand);
             for port in p.allocated_ports.values() {
                 book.ports.insert(*port, id.to_owned());
             }
-            pending_items.push((results.len(), inst.resource_version));
+            accepted.push(Accepted {
+                slot: results.len(),
+                instance: inst,
+                guard: (p.worker_resource_version != 0).then(|| book.worker.clone()),
+                worker_id: p.worker_id.clone(),
+                ports: p.allocated_ports.clone(),
+                score: p.score,
+            });
             results.push(placement_result(id, O::Committed, ""));
-            mutations.push(m);
         }
 
-        if mutations.is_empty() {
+        if accepted.is_empty() {
             return Ok(pb::CommitPlacementsResponse {
                 results,
                 revision: 0,
             });
         }
+        // Build the writes (encoding is the expensive part) on the blocking pool, in order.
+        let slots: Vec<usize> = accepted.iter().map(|a| a.slot).collect();
+        let factory = self.app.factory.clone();
+        let built = map_parallel(accepted, move |a| {
+            placement_mutation(a, &origin, &factory, now)
+        })
+        .await?;
+        let (versions, mutations): (Vec<i64>, Vec<Mutation>) = built.into_iter().unzip();
         let (applied, revision) = self.app.commit_each_at_revision(mutations).await?;
         let mut committed = 0usize;
-        for ((slot, version), outcome) in pending_items.into_iter().zip(applied) {
+        for ((slot, version), outcome) in slots.into_iter().zip(versions).zip(applied) {
             use pb::PlacementOutcome as O;
             let r = &mut results[slot];
             match outcome {
@@ -1593,7 +1839,7 @@ impl Internals {
                 worker.license = Some(l);
             }
             if let Some(u) = &obs.utilization {
-                worker.utilization = Some(u.clone());
+                worker.utilization = Some(*u);
             }
             if obs.labs_synced {
                 let cml = worker.cml.get_or_insert_with(Default::default);
@@ -1619,7 +1865,7 @@ impl Internals {
                 let mut core = convert::worker_from_proto(&worker, "worker")
                     .map_err(|e| ApiError::internal("stored worker unreadable", e))?;
                 match core.observe_ec2_state(name, now, &actor) {
-                    ccm_core::worker::Ec2Observation::Transitioned { from, to, reason } => {
+                    ccm_core::worker::Ec2Observation::Transitioned { from, reason, .. } => {
                         write_back_worker(&mut worker, &core, now);
                         worker.state_reason = reason.clone();
                         set_condition(
@@ -1633,7 +1879,7 @@ impl Internals {
                             },
                             now,
                         );
-                        transition = Some((from, to, reason));
+                        transition = Some((from, reason));
                     }
                     ccm_core::worker::Ec2Observation::Divergence { why, ec2_state, .. } => {
                         tracing::warn!(worker = %worker.id, ec2_state = %ec2_state, why = %why, "EC2 state diverges from the worker state");
@@ -1668,7 +1914,7 @@ impl Internals {
             worker.updated_at = Some(timestamp_to_proto(now));
             let mut m = Mutation::at(now);
             m.update(&mut worker, ClaimChange::Keep)?;
-            if let Some((from, to, reason)) = &transition {
+            if let Some((from, reason)) = &transition {
                 m.audit(
                     &worker,
                     &origin,
@@ -1680,19 +1926,29 @@ impl Internals {
                         details: to_struct(json!({ "observed_ec2_state": obs.ec2.as_ref().map(|e| e.instance_state.clone()) })),
                     },
                 );
-                m.emit(self.app.factory.worker_transition(
-                    &worker.id,
-                    *from,
-                    *to,
-                    json!({
-                        "worker_id": worker.id,
-                        "previous_state": before.as_str_name(),
-                        "new_state": worker.state().as_str_name(),
-                        "reason": reason,
-                        "timestamp": now.to_rfc3339(),
-                    }),
+                m.emit(super::workers::worker_event(
+                    &self.app.factory,
+                    &worker,
+                    Some(*from),
+                    reason,
+                    &origin.actor,
                     now,
+                    serde_json::Map::new(),
                 ));
+            }
+            if obs.labs_synced {
+                let mut labs = obs.labs.clone();
+                for lab in &mut labs {
+                    lab.worker_id = worker.id.clone();
+                }
+                let mut snapshot = super::workers::labs_snapshot(&worker.id, &labs, now)?;
+                match self.app.find::<pb::WorkerOperation>(&snapshot.id).await? {
+                    Some(existing) => {
+                        snapshot.resource_version = existing.resource_version;
+                        m.update(&mut snapshot, ClaimChange::Keep)?;
+                    }
+                    None => m.create(&mut snapshot, Vec::new())?,
+                }
             }
             match self.app.commit(m).await {
                 Ok(_) => {
@@ -1820,7 +2076,8 @@ impl Internals {
         let mut instances_on_worker = 0usize;
         match to {
             pb::WorkerState::Draining => {
-                instances_on_worker = self.live_instances(&worker.id).await?.len();
+                instances_on_worker =
+                    usize::try_from(self.live_count(&worker.id).await?).unwrap_or(usize::MAX);
                 let deadline = match deadline {
                     Some(d) => d,
                     None => {
@@ -1862,8 +2119,19 @@ impl Internals {
             }
             _ => {}
         }
+        // A worker holds its EC2 instance id (an instance backs one worker).
+        let claims = if to == pb::WorkerState::Provisioning {
+            let mut held = self.app.store.claims_of(Kind::Worker, &worker.id).await?;
+            held.retain(|c| c.namespace != super::workers::AWS_INSTANCE_CLAIM_NAMESPACE);
+            held.push(super::workers::aws_instance_claim(
+                req.aws_instance_id.trim(),
+            ));
+            ClaimChange::Replace(held)
+        } else {
+            ClaimChange::Keep
+        };
         let mut m = Mutation::at(now);
-        m.update(&mut worker, ClaimChange::Keep)?;
+        m.update(&mut worker, claims)?;
         m.audit(
             &worker,
             &origin,
@@ -1878,30 +2146,26 @@ impl Internals {
                 })),
             },
         );
-        let mut data = json!({
-            "worker_id": worker.id,
-            "previous_state": current.as_str_name(),
-            "new_state": worker.state().as_str_name(),
-            "reason": recorded_reason,
-            "scaling_decision_id": req.scaling_decision_id,
-            "timestamp": now.to_rfc3339(),
-        });
-        if let (Value::Object(map), Some(d)) = (&mut data, worker.drain.as_ref())
-            && to == pb::WorkerState::Draining
-        {
-            map.insert("running_instances_count".into(), json!(instances_on_worker));
-            map.insert(
+        let mut extra = serde_json::Map::new();
+        extra.insert("scaling_decision_id".into(), json!(req.scaling_decision_id));
+        if let (Some(d), pb::WorkerState::Draining) = (worker.drain.as_ref(), to) {
+            extra.insert("running_instances_count".into(), json!(instances_on_worker));
+            extra.insert(
                 "estimated_drain_completion".into(),
                 ts_json(d.deadline.as_ref()),
             );
         }
         let core_from = convert::worker_state_from_proto(current as i32, "from")
             .map_err(|e| ApiError::internal("worker state", e))?;
-        m.emit(
-            self.app
-                .factory
-                .worker_transition(&worker.id, core_from, core.state, data, now),
-        );
+        m.emit(super::workers::worker_event(
+            &self.app.factory,
+            &worker,
+            Some(core_from),
+            &recorded_reason,
+            &origin.actor,
+            now,
+            extra,
+        ));
         self.app.commit(m).await?;
         Ok(pb::TransitionWorkerResponse {
             worker: Some(worker),
@@ -1937,9 +2201,8 @@ impl Internals {
         check_external_id(&mut v, "region", &req.region);
         check_reason(&mut v, "reason", &req.reason);
         check_optional_id(&mut v, "scaling_decision_id", &req.scaling_decision_id);
-        match validate::idempotency_key(&mut v, "request_id", &req.request_id) {
-            Some(None) => v.add("request_id", "is required (the idempotency key)"),
-            _ => {}
+        if let Some(None) = validate::idempotency_key(&mut v, "request_id", &req.request_id) {
+            v.add("request_id", "is required (the idempotency key)");
         }
         v.into_result()?;
         let claim = Claim::new(WORKER_REQUEST_CLAIM, req.request_id.clone());
@@ -1966,40 +2229,46 @@ impl Internals {
             }
             req.region.clone()
         };
+        let core_template = convert::template_from_proto(&template, "template").map_err(|e| {
+            ApiError::internal(format!("stored template {} is invalid", template.name), e)
+        })?;
         let now = self.app.now();
         let id = uuid::Uuid::new_v4().to_string();
         let short: String = id.chars().take(8).collect();
-        let mut capacity = template.capacity.unwrap_or_default();
-        if template.license_type == pb::LicenseType::Personal as i32 {
-            capacity.max_nodes = capacity.max_nodes.min(
-                i32::try_from(ccm_core::defaults::PERSONAL_LICENSE_MAX_NODES).unwrap_or(i32::MAX),
-            );
-        }
         let reason = if req.reason.trim().is_empty() {
             REASON_SCALE_UP.to_owned()
         } else {
             req.reason.trim().to_owned()
         };
+        let name = if req.name.is_empty() {
+            format!("cml-worker-{}-{short}", template.name)
+        } else {
+            req.name.clone()
+        };
+        use super::workers::{
+            MANAGED_BY_VALUE, TAG_MANAGED, TAG_MANAGED_BY, TAG_NAME, TAG_TEMPLATE,
+        };
+        let mut tags: BTreeMap<String, String> = core_template.tags.clone();
+        tags.insert(TAG_NAME.into(), name.clone());
+        tags.insert(TAG_TEMPLATE.into(), template.name.clone());
+        tags.insert(TAG_MANAGED.into(), "true".into());
+        tags.insert(TAG_MANAGED_BY.into(), MANAGED_BY_VALUE.into());
         let mut worker = pb::CmlWorker {
             id: id.clone(),
-            name: if req.name.is_empty() {
-                format!("cml-worker-{}-{short}", template.name)
-            } else {
-                req.name.clone()
-            },
+            name,
             state: pb::WorkerState::Pending as i32,
             state_reason: reason.clone(),
             service_status: pb::CmlServiceStatus::Unavailable as i32,
             template_name: template.name.clone(),
-            license_type: template.license_type,
-            declared_capacity: Some(capacity),
-            port_range: Some(template.port_range.unwrap_or(pb::PortRange {
-                start: i32::from(ccm_core::defaults::DEFAULT_PORT_RANGE_START),
-                end: i32::from(ccm_core::defaults::DEFAULT_PORT_RANGE_END),
-            })),
+            license_type: convert::license_type_to_proto(core_template.license_type) as i32,
+            declared_capacity: Some(convert::capacity_to_proto(
+                &core_template.declared_capacity(),
+            )),
+            port_range: Some(convert::port_range_to_proto(&core_template.port_range)),
             ec2: Some(pb::Ec2Info {
-                instance_type: template.instance_type.clone(),
+                instance_type: core_template.instance_type.clone(),
                 region,
+                tags: tags.into_iter().collect(),
                 ..Default::default()
             }),
             created_at: Some(timestamp_to_proto(now)),
@@ -2024,17 +2293,16 @@ impl Internals {
                 })),
             },
         );
-        m.emit(self.app.factory.event(
-            ccm_cloudevents::catalog::WORKER_PENDING,
-            &worker.id,
-            json!({
-                "worker_id": worker.id,
-                "name": worker.name,
-                "template_name": template.name,
-                "reason": reason,
-                "scaling_decision_id": req.scaling_decision_id,
-            }),
+        let mut extra = serde_json::Map::new();
+        extra.insert("scaling_decision_id".into(), json!(req.scaling_decision_id));
+        m.emit(super::workers::worker_event(
+            &self.app.factory,
+            &worker,
+            None,
+            &reason,
+            &origin.actor,
             now,
+            extra,
         ));
         match self.app.commit(m).await {
             Ok(_) => Ok(pb::CreateWorkerRecordResponse {
@@ -2636,6 +2904,116 @@ impl InternalService for Internals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_audit_entries_read_back_like_reflected_ones() {
+        let origin = Origin::service("scheduler")
+            .in_call("/ccm.v1.InternalService/CommitPlacements", Some("req-1"));
+        let at = Utc::now();
+        let details = json!({"worker_id": "w-1", "score": 0.5, "allocated_ports": {"vnc_1": 2001}});
+        let entry = audit_log_entry(
+            &origin,
+            at,
+            "instance.schedule",
+            pb::ResourceKind::Instance,
+            "i-1",
+            "INSTANCE_STATE_PENDING",
+            "INSTANCE_STATE_SCHEDULED",
+            "scheduled",
+            details.clone(),
+        )
+        .expect("entry");
+        let back = crate::record::audit_from_entry(&entry).expect("decodes");
+        let expected = pb::AuditRecord {
+            id: entry.id.to_string(),
+            at: Some(timestamp_to_proto(ccm_store::truncate_to_millis(at))),
+            actor: "service:scheduler".into(),
+            actor_kind: pb::ActorKind::Service as i32,
+            action: "instance.schedule".into(),
+            resource_kind: pb::ResourceKind::Instance as i32,
+            resource_id: "i-1".into(),
+            from_state: "INSTANCE_STATE_PENDING".into(),
+            to_state: "INSTANCE_STATE_SCHEDULED".into(),
+            reason: "scheduled".into(),
+            details: to_struct(details),
+            method: "/ccm.v1.InternalService/CommitPlacements".into(),
+            trace_id: "req-1".into(),
+        };
+        assert_eq!(back, expected);
+        let reflected = crate::record::audit_entry(&expected).expect("reflected");
+        assert_eq!(
+            crate::record::audit_from_entry(&reflected).expect("decodes"),
+            back
+        );
+        assert_eq!(
+            (
+                entry.resource_kind.as_str(),
+                entry.actor.as_str(),
+                entry.action.as_str(),
+                entry.at
+            ),
+            (
+                reflected.resource_kind.as_str(),
+                reflected.actor.as_str(),
+                reflected.action.as_str(),
+                reflected.at
+            )
+        );
+    }
+
+    #[test]
+    fn live_bookings_read_the_same_as_a_full_decode() {
+        let start = Utc::now();
+        let stored = pb::LabletInstance {
+            id: "i-1".into(),
+            definition_id: "d-1".into(),
+            definition_version: "1.2.3".into(),
+            worker_id: "w-1".into(),
+            allocated_ports: HashMap::from([("serial_1".to_owned(), 2001), ("vnc_1".into(), 2002)]),
+            time_slot: Some(pb::TimeSlot {
+                start: Some(timestamp_to_proto(start)),
+                end: Some(timestamp_to_proto(start + Duration::hours(2))),
+                asap: true,
+            }),
+            state: pb::InstanceState::Running as i32,
+            ..Default::default()
+        };
+        let data = crate::repo::document(&stored).expect("document");
+        let mut doc = ccm_store::Document {
+            kind: data.kind,
+            id: data.id,
+            index: data.index,
+            body: data.body,
+            resource_version: 3,
+            seq: 1,
+            created_at: start,
+            updated_at: start,
+        };
+        let b = LiveBooking::of(&doc).expect("projection");
+        assert_eq!(
+            (
+                b.id.as_str(),
+                b.definition_id.as_str(),
+                b.definition_version.as_str()
+            ),
+            ("i-1", "d-1", "1.2.3")
+        );
+        assert_eq!(b.worker_id, "w-1");
+        assert_eq!(b.allocated_ports, stored.allocated_ports);
+        let slot = b.slot.expect("slot");
+        assert_eq!(
+            (slot.start, slot.end - slot.start, slot.asap),
+            (start, Duration::hours(2), true)
+        );
+        // Proto3 JSON also allows int32 as strings: the projection refuses, the full decode reads it.
+        doc.body = ccm_store::Body::from_json_text(
+            r#"{"id":"i-1","workerId":"w-1","allocatedPorts":{"serial_1":"2001"}}"#,
+        )
+        .expect("json");
+        let b = LiveBooking::of(&doc).expect("fallback");
+        assert_eq!(b.allocated_ports["serial_1"], 2001);
+        assert!(b.slot.is_none());
+    }
 
     #[test]
     fn decision_ids_are_stable_per_request_id() {

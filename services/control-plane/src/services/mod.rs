@@ -66,16 +66,9 @@ impl Scope {
 
     /// The origin to record for changes this caller makes.
     pub fn origin(&self, method: &str, request_id: Option<&str>) -> Origin {
-        let origin = if self
-            .caller
-            .roles
-            .iter()
-            .any(|r| *r == ccm_proto::v1::Role::Service)
-            && !self
-                .caller
-                .roles
-                .iter()
-                .any(|r| *r == ccm_proto::v1::Role::Admin)
+        let roles = &self.caller.roles;
+        let origin = if roles.contains(&ccm_proto::v1::Role::Service)
+            && !roles.contains(&ccm_proto::v1::Role::Admin)
         {
             Origin::service(&self.caller.subject)
         } else {

@@ -948,7 +948,11 @@ impl Workers {
             req.region.clone()
         };
         let name = if req.name.is_empty() {
-            format!("cml-worker-{}-{}", template.name, &id[..8])
+            format!(
+                "cml-worker-{}-{}",
+                template.name,
+                id.get(..8).unwrap_or(&id)
+            )
         } else {
             req.name.clone()
         };
