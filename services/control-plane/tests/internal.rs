@@ -1259,6 +1259,82 @@ async fn pending_conditions_are_stored_and_unchanged_ones_are_not_rewritten() {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
+async fn worker_reports_keep_desired_tags_until_the_controller_applies_them() {
+    let mut env = env().await;
+    world(&env).await;
+    // An admin sets tags: they are desired (TagsSynced FALSE) until the controller applies them.
+    let mut w: pb::CmlWorker = env.plane.app.get("w-1").await.expect("worker");
+    let mut ec2 = w.ec2.clone().unwrap_or_default();
+    ec2.tags = [("team".to_string(), "exams".to_string())].into();
+    w.ec2 = Some(ec2);
+    w.conditions.push(pb::Condition {
+        r#type: "TagsSynced".into(),
+        status: pb::ConditionStatus::False as i32,
+        reason: "TagsUpdated".into(),
+        ..Default::default()
+    });
+    let mut m = ccm_control_plane::record::Mutation::at(env.plane.app.now());
+    m.update(&mut w, ccm_store::ClaimChange::Keep)
+        .expect("encodes");
+    env.plane.app.commit(m).await.expect("commits");
+    let ctrl = env.ctrl.clone();
+    let report = |tags: &[(&str, &str)], applied: bool| pb::ReportWorkerRequest {
+        fence: Some(ctrl.clone()),
+        worker_id: "w-1".into(),
+        observation: Some(pb::WorkerObservation {
+            ec2: Some(pb::Ec2Info {
+                instance_state: "running".into(),
+                tags: tags
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            }),
+            conditions: if applied {
+                vec![pb::Condition {
+                    r#type: "TagsSynced".into(),
+                    status: pb::ConditionStatus::True as i32,
+                    reason: "TagsApplied".into(),
+                    ..Default::default()
+                }]
+            } else {
+                vec![]
+            },
+            ..Default::default()
+        }),
+        resource_version: 0,
+    };
+    // EC2 still shows the old tags: the desired ones stay.
+    let w = env
+        .client
+        .report_worker(report(&[("old", "tag")], false))
+        .await
+        .expect("report")
+        .into_inner()
+        .worker
+        .expect("worker");
+    let tags = w.ec2.expect("ec2").tags;
+    assert_eq!(tags.get("team").map(String::as_str), Some("exams"));
+    assert!(!tags.contains_key("old"), "{tags:?}");
+    // The controller applied them and says so: the observation is taken as it is.
+    let w = env
+        .client
+        .report_worker(report(&[("team", "exams"), ("aws:owner", "x")], true))
+        .await
+        .expect("report")
+        .into_inner()
+        .worker
+        .expect("worker");
+    assert_eq!(w.ec2.expect("ec2").tags.len(), 2);
+    let synced = w
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "TagsSynced")
+        .expect("condition");
+    assert_eq!(synced.status(), pb::ConditionStatus::True);
+}
+
+#[tokio::test]
 async fn worker_reports_merge_observations_and_map_ec2_states_through_the_state_machine() {
     let mut env = env().await;
     world(&env).await;

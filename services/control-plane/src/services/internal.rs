@@ -219,6 +219,16 @@ pub(crate) fn write_back_instance(
     stored.updated_at = Some(timestamp_to_proto(now));
 }
 
+/// `true` while tags set through `UpdateWorkerTags` wait for the controller: the worker's
+/// [`super::workers::TAGS_CONDITION`] is FALSE and the observation does not report it TRUE.
+fn desired_tags_pending(current: &[pb::Condition], observed: &[pb::Condition]) -> bool {
+    let is = |list: &[pb::Condition], status: pb::ConditionStatus| {
+        list.iter()
+            .any(|c| c.r#type == super::workers::TAGS_CONDITION && c.status == status as i32)
+    };
+    is(current, pb::ConditionStatus::False) && !is(observed, pb::ConditionStatus::True)
+}
+
 /// Sets `condition` in `conditions` (replacing the one of its type). `last_transition_at` moves
 /// only when the status changes; `last_probe_at` is `now`. Returns whether status, reason or
 /// message changed (or the condition is new).
@@ -1817,10 +1827,16 @@ impl Internals {
             let before = worker.state();
             if let Some(ec2) = &obs.ec2 {
                 let mut e = ec2.clone();
-                if e.instance_id.is_empty()
-                    && let Some(old) = &worker.ec2
-                {
-                    e.instance_id = old.instance_id.clone();
+                if let Some(old) = &worker.ec2 {
+                    if e.instance_id.is_empty() {
+                        e.instance_id = old.instance_id.clone();
+                    }
+                    // Tags an admin set (UpdateWorkerTags) that the controller has not applied
+                    // yet are the desired state: an observation must not revert them. They
+                    // become the observed tags once the controller reports them applied.
+                    if desired_tags_pending(&worker.conditions, &obs.conditions) {
+                        e.tags = old.tags.clone();
+                    }
                 }
                 worker.ec2 = Some(e);
             }
