@@ -125,7 +125,7 @@ pub fn server(app: App) -> InstanceServiceServer<Instances> {
 
 /// The port claim an instance holds for `port` on `worker_id` (the convention of the whole
 /// control plane: CommitPlacements acquires these, termination releases them).
-pub fn port_claim(worker_id: &str, port: u16) -> ccm_store::Claim {
+pub fn port_claim(worker_id: &str, port: impl std::fmt::Display) -> ccm_store::Claim {
     ccm_store::Claim::new(PORT_CLAIM_NAMESPACE, format!("{worker_id}/{port}"))
 }
 

@@ -88,8 +88,6 @@ pub const MAX_UNCONDITIONAL_RETRIES: usize = 5;
 /// Page size of the store reads that load a worker's live instances.
 const LIVE_INSTANCES_PAGE: u32 = 1000;
 
-/// Claim namespace of the ports an instance holds on a worker (key `<worker_id>/<port>`).
-pub const PORT_CLAIM: &str = "port";
 /// Claim namespace that makes `CreateWorkerRecord` idempotent (key = its `request_id`).
 pub const WORKER_REQUEST_CLAIM: &str = "worker.create_request";
 /// Claim namespace of a `REGISTER_LICENSE` operation's token (key `<operation id>/<token>`).
@@ -464,10 +462,6 @@ fn placement_result(
     }
 }
 
-fn port_claim(worker_id: &str, port: i32) -> Claim {
-    Claim::new(PORT_CLAIM, format!("{worker_id}/{port}"))
-}
-
 /// What one worker holds while a batch is checked.
 struct WorkerBook {
     worker: pb::CmlWorker,
@@ -657,7 +651,7 @@ fn placement_mutation(
     }
     let claims = ports
         .values()
-        .map(|port| port_claim(&worker_id, *port))
+        .map(|port| super::instances::port_claim(&worker_id, *port))
         .collect();
     m.update(&mut instance, ClaimChange::Replace(claims))?;
     m.append(
