@@ -907,6 +907,20 @@ impl Instances {
         }))
     }
 
+    /// The common path of Start/Stop/Collect/Terminate: the caller and request id of `request`,
+    /// then [`Instances::act`] on the action `parts` builds from its message.
+    async fn act_on<R>(
+        &self,
+        request: Request<R>,
+        parts: impl FnOnce(R) -> ActionRequest,
+    ) -> Result<pb::LabletInstance, Status> {
+        let scope = caller_of(&request).map_err(Status::from)?;
+        let request_id = server::request_id(&request).map(str::to_owned);
+        self.act(scope, request_id, parts(request.into_inner()))
+            .await
+            .map_err(Status::from)
+    }
+
     /// Start, stop, collect and terminate: read, check, apply the domain method, commit.
     #[tracing::instrument(name = "InstanceService.action", skip_all, fields(rpc = action.action.rpc(), instance_id = action.instance_id.as_str(), from, to, reason))]
     async fn act(
@@ -1262,22 +1276,14 @@ impl InstanceService for Instances {
         &self,
         request: Request<pb::StartInstanceRequest>,
     ) -> Result<Response<pb::StartInstanceResponse>, Status> {
-        let scope = caller_of(&request).map_err(Status::from)?;
-        let request_id = server::request_id(&request).map(str::to_owned);
-        let r = request.into_inner();
         let instance = self
-            .act(
-                scope,
-                request_id,
-                ActionRequest {
-                    instance_id: r.instance_id,
-                    resource_version: r.resource_version,
-                    reason: r.reason,
-                    action: Action::Start,
-                },
-            )
-            .await
-            .map_err(Status::from)?;
+            .act_on(request, |r| ActionRequest {
+                instance_id: r.instance_id,
+                resource_version: r.resource_version,
+                reason: r.reason,
+                action: Action::Start,
+            })
+            .await?;
         Ok(Response::new(pb::StartInstanceResponse {
             instance: Some(instance),
         }))
@@ -1287,22 +1293,14 @@ impl InstanceService for Instances {
         &self,
         request: Request<pb::StopInstanceRequest>,
     ) -> Result<Response<pb::StopInstanceResponse>, Status> {
-        let scope = caller_of(&request).map_err(Status::from)?;
-        let request_id = server::request_id(&request).map(str::to_owned);
-        let r = request.into_inner();
         let instance = self
-            .act(
-                scope,
-                request_id,
-                ActionRequest {
-                    instance_id: r.instance_id,
-                    resource_version: r.resource_version,
-                    reason: r.reason,
-                    action: Action::Stop,
-                },
-            )
-            .await
-            .map_err(Status::from)?;
+            .act_on(request, |r| ActionRequest {
+                instance_id: r.instance_id,
+                resource_version: r.resource_version,
+                reason: r.reason,
+                action: Action::Stop,
+            })
+            .await?;
         Ok(Response::new(pb::StopInstanceResponse {
             instance: Some(instance),
         }))
@@ -1312,22 +1310,14 @@ impl InstanceService for Instances {
         &self,
         request: Request<pb::CollectInstanceRequest>,
     ) -> Result<Response<pb::CollectInstanceResponse>, Status> {
-        let scope = caller_of(&request).map_err(Status::from)?;
-        let request_id = server::request_id(&request).map(str::to_owned);
-        let r = request.into_inner();
         let instance = self
-            .act(
-                scope,
-                request_id,
-                ActionRequest {
-                    instance_id: r.instance_id,
-                    resource_version: r.resource_version,
-                    reason: r.reason,
-                    action: Action::Collect,
-                },
-            )
-            .await
-            .map_err(Status::from)?;
+            .act_on(request, |r| ActionRequest {
+                instance_id: r.instance_id,
+                resource_version: r.resource_version,
+                reason: r.reason,
+                action: Action::Collect,
+            })
+            .await?;
         Ok(Response::new(pb::CollectInstanceResponse {
             instance: Some(instance),
         }))
@@ -1337,22 +1327,14 @@ impl InstanceService for Instances {
         &self,
         request: Request<pb::TerminateInstanceRequest>,
     ) -> Result<Response<pb::TerminateInstanceResponse>, Status> {
-        let scope = caller_of(&request).map_err(Status::from)?;
-        let request_id = server::request_id(&request).map(str::to_owned);
-        let r = request.into_inner();
         let instance = self
-            .act(
-                scope,
-                request_id,
-                ActionRequest {
-                    instance_id: r.instance_id,
-                    resource_version: r.resource_version,
-                    reason: r.reason,
-                    action: Action::Terminate { force: r.force },
-                },
-            )
-            .await
-            .map_err(Status::from)?;
+            .act_on(request, |r| ActionRequest {
+                instance_id: r.instance_id,
+                resource_version: r.resource_version,
+                reason: r.reason,
+                action: Action::Terminate { force: r.force },
+            })
+            .await?;
         Ok(Response::new(pb::TerminateInstanceResponse {
             instance: Some(instance),
         }))
