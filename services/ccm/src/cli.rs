@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use ccm_control_plane::ControlPlaneArgs;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 /// ccm runs Cisco Modeling Labs lablets on a fleet of AWS EC2 workers: it places booked labs on
 /// workers (or grows the fleet in time), rewrites them with their ports, starts them on CML,
@@ -68,48 +68,11 @@ pub enum ServeCommand {
     /// The single writer of state: public and internal gRPC APIs.
     ControlPlane(Box<ControlPlaneArgs>),
     /// Leader-elected placement of booked instances.
-    Scheduler,
+    Scheduler(Box<ccm_scheduler::SchedulerArgs>),
     /// Leader-elected reconcilers and the autoscaler.
-    Controller,
+    Controller(Box<ccm_controller::ControllerArgs>),
     /// HTTP/JSON, SSE, OIDC login and the web UI.
-    Gateway,
-}
-
-impl ServeCommand {
-    /// The service this runs.
-    pub fn service(&self) -> Service {
-        match self {
-            ServeCommand::ControlPlane(_) => Service::ControlPlane,
-            ServeCommand::Scheduler => Service::Scheduler,
-            ServeCommand::Controller => Service::Controller,
-            ServeCommand::Gateway => Service::Gateway,
-        }
-    }
-}
-
-/// The services `ccm serve` can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Service {
-    /// The single writer of state: public and internal gRPC APIs.
-    ControlPlane,
-    /// Leader-elected placement of booked instances.
-    Scheduler,
-    /// Leader-elected reconcilers and the autoscaler.
-    Controller,
-    /// HTTP/JSON, SSE, OIDC login and the web UI.
-    Gateway,
-}
-
-impl Service {
-    /// The name used on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Service::ControlPlane => "control-plane",
-            Service::Scheduler => "scheduler",
-            Service::Controller => "controller",
-            Service::Gateway => "gateway",
-        }
-    }
+    Gateway(Box<ccm_gateway::GatewayArgs>),
 }
 
 /// `ccm config …`

@@ -6,6 +6,9 @@ use crate::error::CliError;
 mod api;
 mod lab;
 mod serve;
+mod serve_controller;
+mod serve_gateway;
+mod serve_scheduler;
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<(), CliError> {
@@ -18,10 +21,15 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Serve {
             service: ServeCommand::ControlPlane(args),
         } => serve::control_plane(&args),
-        Command::Serve { service } => Err(CliError::NotAvailableYet {
-            command: format!("serve {}", service.service().name()),
-            what: "the scheduler, controller and gateway processes are not built yet; the control plane is (`ccm serve control-plane`)",
-        }),
+        Command::Serve {
+            service: ServeCommand::Scheduler(args),
+        } => serve_scheduler::run(&args),
+        Command::Serve {
+            service: ServeCommand::Controller(args),
+        } => serve_controller::run(&args),
+        Command::Serve {
+            service: ServeCommand::Gateway(args),
+        } => serve_gateway::run(&args),
         Command::Simulate { .. } => Err(CliError::NotAvailableYet {
             command: "simulate".into(),
             what: "it will replay bookings through the real scheduler and controller on a \

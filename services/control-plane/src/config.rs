@@ -26,18 +26,21 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::ControlPlaneError;
 
+pub use ccm_runtime::server::{
+    DEFAULT_CONCURRENCY_LIMIT, DEFAULT_LISTEN_ADDR, DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_REQUEST_TIMEOUT, DEFAULT_SHUTDOWN_GRACE_PERIOD,
+};
+
 // ---------------------------------------------------------------------------------------------
 // Defaults
 // ---------------------------------------------------------------------------------------------
 
-/// Default gRPC listen address: loopback only, port 50051.
-pub const DEFAULT_LISTEN_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 50051);
 /// Default data directory (relative to the working directory): holds the SQLite file.
 pub const DEFAULT_DATA_DIR: &str = "ccm-data";
 /// File name of the SQLite database inside the data directory, when `store.sqlite_path` is unset.
@@ -58,23 +61,14 @@ pub const MAX_LEASE_TTL: Duration = Duration::from_secs(300);
 pub const DEFAULT_AUDIENCE: &str = "ccm";
 /// Default CloudEvents `source` attribute of the events ccm emits.
 pub const DEFAULT_CLOUDEVENTS_SOURCE: &str = "ccm/control-plane";
-/// Default request timeout (time until a call's response starts).
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest accepted request timeout.
 pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(3600);
-/// Default number of application calls handled at once.
-pub const DEFAULT_CONCURRENCY_LIMIT: usize = 256;
 /// Largest accepted concurrency limit.
 pub const MAX_CONCURRENCY_LIMIT: usize = 100_000;
-/// Default largest gRPC message, both directions: 8 MiB (a 4 MiB lab YAML plus the rest of a
-/// request fits).
-pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 8 * 1024 * 1024;
 /// Smallest accepted message size limit.
 pub const MIN_MAX_MESSAGE_SIZE: usize = 64 * 1024;
 /// Largest accepted message size limit.
 pub const MAX_MAX_MESSAGE_SIZE: usize = 256 * 1024 * 1024;
-/// Default shutdown grace period for in-flight calls.
-pub const DEFAULT_SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(30);
 /// Longest accepted shutdown grace period.
 pub const MAX_SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(600);
 /// Environment variable naming the configuration file when `--config` is not given.
@@ -1576,4 +1570,16 @@ fn path_value(path: &Path) -> toml::Value {
 
 fn string_array(items: &[String]) -> toml::Value {
     toml::Value::Array(items.iter().cloned().map(toml::Value::String).collect())
+}
+
+impl From<&ControlPlaneConfig> for ccm_runtime::ServerSettings {
+    fn from(c: &ControlPlaneConfig) -> Self {
+        ccm_runtime::ServerSettings {
+            listen_addr: c.listen_addr,
+            request_timeout: c.request_timeout,
+            concurrency_limit: c.concurrency_limit,
+            max_message_size: c.max_message_size,
+            shutdown_grace_period: c.shutdown_grace_period,
+        }
+    }
 }

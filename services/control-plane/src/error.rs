@@ -856,27 +856,12 @@ pub enum ControlPlaneError {
         /// What is wrong and how to fix it.
         message: String,
     },
-    /// The listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: std::net::SocketAddr,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Two services with the same gRPC name were registered.
-    #[error("gRPC service {0} is registered twice")]
-    DuplicateService(String),
     /// Building the application state failed (store, coordinator, sink, fetcher).
     #[error("setting up the control plane: {0}")]
     Setup(String),
-    /// The reflection service could not be built from the descriptor sets.
-    #[error("cannot build the reflection service: {0}")]
-    Reflection(String),
-    /// The gRPC server failed.
-    #[error("gRPC server failed: {0}")]
-    Serve(#[source] tonic::transport::Error),
+    /// The gRPC server could not be set up or failed.
+    #[error(transparent)]
+    Server(#[from] ccm_runtime::RuntimeError),
 }
 
 impl From<ccm_store::StoreError> for ApiError {

@@ -7,7 +7,7 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`config`] | [`config::ControlPlaneConfig`]: defaults → TOML → `CCM_*` → flags, validation, `effective_toml` |
-//! | [`server`] | the tonic server: [`server::ServiceSet`], health, reflection, request id, tracing, deadline, concurrency limit, an auth layer slot, graceful shutdown |
+//! | [`server`] | the tonic server from `ccm-runtime`, re-exported |
 //! | [`error`] | [`error::ApiError`] — the one mapping of failures to gRPC statuses with `google.rpc` details — and the crate's [`error::ControlPlaneError`] |
 //! | [`validate`] | [`validate::Violations`] and the reusable input checks (names, ids, URIs, enums, time slots, labels, lab YAML) |
 //! | [`convert`] | proto ↔ domain conversions (`ccm_proto::v1` ↔ `ccm_core::model`), with field paths on every error |
@@ -31,7 +31,8 @@ pub mod record;
 pub mod repo;
 pub mod run;
 pub mod seed;
-pub mod server;
+/// The gRPC server, from `ccm-runtime` (re-exported under its old path).
+pub use ccm_runtime::server;
 pub mod services;
 #[cfg(feature = "testing")]
 pub mod testing;

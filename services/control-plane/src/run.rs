@@ -136,5 +136,5 @@ where
     let result = bound.run(shutdown).await;
     let stats = sink.shutdown(SINK_FLUSH_TIMEOUT).await;
     tracing::info!(?stats, "CloudEvents sink flushed");
-    result
+    result.map_err(Into::into)
 }

@@ -61,7 +61,7 @@ pub struct TestPlane {
     /// The in-process coordinator, when the plane made its own.
     pub coord: Arc<dyn Coordinator>,
     shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), ControlPlaneError>>>,
+    task: Option<JoinHandle<Result<(), ccm_runtime::RuntimeError>>>,
 }
 
 impl TestPlane {
@@ -144,7 +144,8 @@ impl TestPlane {
         match self.task.take() {
             Some(task) => task
                 .await
-                .map_err(|e| ControlPlaneError::Setup(format!("server task: {e}")))?,
+                .map_err(|e| ControlPlaneError::Setup(format!("server task: {e}")))?
+                .map_err(Into::into),
             None => Ok(()),
         }
     }

@@ -6,7 +6,6 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use ccm_control_plane::ControlPlaneError;
 use ccm_control_plane::server::{
     BoxedGrpcService, GrpcRequest, REQUEST_ID_HEADER, Server, ServiceSet,
 };
@@ -767,7 +766,9 @@ async fn registering_a_service_twice_is_refused() {
     let err = services
         .add(DefinitionServiceServer::new(TestDefinitions::default()))
         .expect_err("second");
-    assert!(matches!(&err, ControlPlaneError::DuplicateService(name) if name == DEFINITIONS));
+    assert!(
+        matches!(&err, ccm_runtime::RuntimeError::DuplicateService(name) if name == DEFINITIONS)
+    );
     assert_eq!(services.names(), [DEFINITIONS]);
 }
 
@@ -781,7 +782,7 @@ async fn binding_a_busy_address_names_it() {
         .await
         .expect_err("address in use");
     match &err {
-        ControlPlaneError::Bind { addr, .. } => assert_eq!(*addr, server.addr),
+        ccm_runtime::RuntimeError::Bind { addr, .. } => assert_eq!(*addr, server.addr),
         other => panic!("expected Bind, got {other:?}"),
     }
     assert!(err.to_string().contains(&server.addr.to_string()));
@@ -810,10 +811,13 @@ async fn serve_runs_from_a_configuration() {
         .expect("add");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
-        ccm_control_plane::server::serve(&config, services, async move {
-            let _ = rx.await;
-        })
-        .await
+        ccm_control_plane::server::Server::new((&config).into(), services)
+            .bind()
+            .await?
+            .run(async move {
+                let _ = rx.await;
+            })
+            .await
     });
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let mut channel = None;

@@ -288,7 +288,7 @@ pub struct TestServer {
     pub counters: Arc<Counters>,
     pub health: tonic_health::server::HealthReporter,
     shutdown: Option<oneshot::Sender<()>>,
-    pub handle: JoinHandle<Result<(), ccm_control_plane::ControlPlaneError>>,
+    pub handle: JoinHandle<Result<(), ccm_runtime::RuntimeError>>,
 }
 
 impl TestServer {
@@ -336,7 +336,7 @@ impl TestServer {
     }
 
     /// Shuts down and waits for `run` to return (at most 20 s).
-    pub async fn stop(mut self) -> Result<(), ccm_control_plane::ControlPlaneError> {
+    pub async fn stop(mut self) -> Result<(), ccm_runtime::RuntimeError> {
         self.begin_shutdown();
         tokio::time::timeout(Duration::from_secs(20), &mut self.handle)
             .await

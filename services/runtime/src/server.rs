@@ -1,19 +1,17 @@
 //! The gRPC server every ccm service runs on: health, reflection, per-call middleware, an extra
 //! layer slot for authentication, and graceful shutdown.
 //!
-//! # Registering services (wave 2)
+//! # Registering services
 //!
 //! ```no_run
-//! use ccm_control_plane::config::ControlPlaneConfig;
-//! use ccm_control_plane::error::ControlPlaneError;
-//! use ccm_control_plane::server::{Server, ServerSettings, ServiceSet};
+//! use ccm_runtime::error::RuntimeError;
+//! use ccm_runtime::server::{Server, ServerSettings, ServiceSet};
 //! use ccm_proto::v1::definition_service_server::{DefinitionService, DefinitionServiceServer};
 //!
 //! async fn run(
-//!     config: &ControlPlaneConfig,
 //!     definitions: impl DefinitionService,
-//! ) -> Result<(), ControlPlaneError> {
-//!     let settings = ServerSettings::from(config);
+//! ) -> Result<(), RuntimeError> {
+//!     let settings = ServerSettings::default();
 //!     let mut services = ServiceSet::new(&settings);
 //!     services.add(DefinitionServiceServer::new(definitions))?;
 //!     // services.add(InstanceServiceServer::new(instances))?;  — one line per service
@@ -76,8 +74,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::config::{self, ControlPlaneConfig};
-use crate::error::{BoxError, ControlPlaneError};
+use crate::error::{BoxError, RuntimeError};
 
 mod io;
 pub mod middleware;
@@ -89,6 +86,18 @@ pub use middleware::{
 
 /// How long `run` waits for connections to close after forcing them, before giving up on them.
 pub const FORCE_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default gRPC listen address (the control plane's; other services set their own).
+pub const DEFAULT_LISTEN_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 50051);
+/// Default time until a call's response starts.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default number of application calls whose handlers run at once.
+pub const DEFAULT_CONCURRENCY_LIMIT: usize = 256;
+/// Default largest gRPC message, both directions (8 MiB).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 8 * 1024 * 1024;
+/// Default time in-flight calls get to finish once shutdown begins.
+pub const DEFAULT_SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(30);
 
 /// The server-side settings, taken from [`ControlPlaneConfig`] (or built directly in tests).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,23 +118,11 @@ impl Default for ServerSettings {
     /// The configuration defaults.
     fn default() -> Self {
         ServerSettings {
-            listen_addr: config::DEFAULT_LISTEN_ADDR,
-            request_timeout: config::DEFAULT_REQUEST_TIMEOUT,
-            concurrency_limit: config::DEFAULT_CONCURRENCY_LIMIT,
-            max_message_size: config::DEFAULT_MAX_MESSAGE_SIZE,
-            shutdown_grace_period: config::DEFAULT_SHUTDOWN_GRACE_PERIOD,
-        }
-    }
-}
-
-impl From<&ControlPlaneConfig> for ServerSettings {
-    fn from(c: &ControlPlaneConfig) -> Self {
-        ServerSettings {
-            listen_addr: c.listen_addr,
-            request_timeout: c.request_timeout,
-            concurrency_limit: c.concurrency_limit,
-            max_message_size: c.max_message_size,
-            shutdown_grace_period: c.shutdown_grace_period,
+            listen_addr: DEFAULT_LISTEN_ADDR,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            concurrency_limit: DEFAULT_CONCURRENCY_LIMIT,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            shutdown_grace_period: DEFAULT_SHUTDOWN_GRACE_PERIOD,
         }
     }
 }
@@ -191,7 +188,7 @@ impl ServiceSet {
 
     /// Registers a service: its routes, its message size limit and its health entry. Fails if a
     /// service of the same name is already registered.
-    pub fn add<S>(&mut self, service: S) -> Result<&mut Self, ControlPlaneError>
+    pub fn add<S>(&mut self, service: S) -> Result<&mut Self, RuntimeError>
     where
         S: MessageLimits
             + Service<GrpcRequest, Response = GrpcResponse, Error = std::convert::Infallible>
@@ -203,7 +200,7 @@ impl ServiceSet {
         S::Future: Send + 'static,
     {
         if self.names.contains(&S::NAME) || middleware::is_public_path(&format!("/{}/", S::NAME)) {
-            return Err(ControlPlaneError::DuplicateService(S::NAME.to_owned()));
+            return Err(RuntimeError::DuplicateService(S::NAME.to_owned()));
         }
         self.routes
             .add_service(service.with_max_message_size(self.max_message_size));
@@ -280,7 +277,7 @@ impl Server {
     }
 
     /// Binds the listen address and assembles the services; health entries become `SERVING`.
-    pub async fn bind(self) -> Result<BoundServer, ControlPlaneError> {
+    pub async fn bind(self) -> Result<BoundServer, RuntimeError> {
         let Server {
             settings,
             services,
@@ -288,16 +285,14 @@ impl Server {
         } = self;
         let listener = TcpListener::bind(settings.listen_addr)
             .await
-            .map_err(|source| ControlPlaneError::Bind {
+            .map_err(|source| RuntimeError::Bind {
                 addr: settings.listen_addr,
                 source,
             })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|source| ControlPlaneError::Bind {
-                addr: settings.listen_addr,
-                source,
-            })?;
+        let local_addr = listener.local_addr().map_err(|source| RuntimeError::Bind {
+            addr: settings.listen_addr,
+            source,
+        })?;
 
         let ServiceSet {
             routes,
@@ -319,10 +314,10 @@ impl Server {
         // Reflection, v1 and v1alpha, over the ccm contracts and the health protocol.
         let reflection_v1 = reflection_builder(&names)
             .build_v1()
-            .map_err(|e| ControlPlaneError::Reflection(e.to_string()))?;
+            .map_err(|e| RuntimeError::Reflection(e.to_string()))?;
         let reflection_v1alpha = reflection_builder(&names)
             .build_v1alpha()
-            .map_err(|e| ControlPlaneError::Reflection(e.to_string()))?;
+            .map_err(|e| RuntimeError::Reflection(e.to_string()))?;
 
         let public_routes = Routes::builder()
             .add_service(health_server)
@@ -431,7 +426,7 @@ impl BoundServer {
     }
 
     /// Serves until `shutdown` completes, then shuts down gracefully (see the module docs).
-    pub async fn run<F>(self, shutdown: F) -> Result<(), ControlPlaneError>
+    pub async fn run<F>(self, shutdown: F) -> Result<(), RuntimeError>
     where
         F: Future<Output = ()>,
     {
@@ -473,7 +468,7 @@ impl BoundServer {
         tracing::info!(addr = %local_addr, "gRPC server serving");
         tokio::select! {
             result = &mut server => {
-                return result.map_err(ControlPlaneError::Serve);
+                return result.map_err(RuntimeError::Serve);
             }
             () = &mut shutdown => {}
         }
@@ -506,7 +501,7 @@ impl BoundServer {
         match tokio::time::timeout(grace, &mut server).await {
             Ok(result) => {
                 tracing::info!(addr = %local_addr, "gRPC server stopped");
-                result.map_err(ControlPlaneError::Serve)
+                result.map_err(RuntimeError::Serve)
             }
             Err(_) => {
                 tracing::warn!(
@@ -516,7 +511,7 @@ impl BoundServer {
                 );
                 force_close.cancel();
                 match tokio::time::timeout(FORCE_CLOSE_TIMEOUT, &mut server).await {
-                    Ok(result) => result.map_err(ControlPlaneError::Serve),
+                    Ok(result) => result.map_err(RuntimeError::Serve),
                     Err(_) => {
                         tracing::error!(
                             addr = %local_addr,
@@ -528,21 +523,4 @@ impl BoundServer {
             }
         }
     }
-}
-
-/// Runs the control plane's gRPC server for `config` with `services` until `shutdown`
-/// completes: [`Server::new`] + [`Server::bind`] + [`BoundServer::run`], without an extra layer.
-pub async fn serve<F>(
-    config: &ControlPlaneConfig,
-    services: ServiceSet,
-    shutdown: F,
-) -> Result<(), ControlPlaneError>
-where
-    F: Future<Output = ()>,
-{
-    Server::new(ServerSettings::from(config), services)
-        .bind()
-        .await?
-        .run(shutdown)
-        .await
 }

@@ -2,7 +2,7 @@
 //!
 //! 1. **request id** — the client's `x-request-id` (1..=[`MAX_REQUEST_ID_LEN`] visible ASCII
 //!    characters) or a fresh UUID; put back on the request (header and [`RequestId`] extension),
-//!    held in a task-local for [`crate::error::ApiError`], and echoed on the response (initial
+//!    held in a task-local for error mapping (see [`current_request_id`]), and echoed on the response (initial
 //!    metadata, or the trailers of a trailers-only error);
 //! 2. **tracing** — one `rpc` span per call with `rpc.method`, `request_id`, and, when the call
 //!    ends, `grpc.code` and `latency_ms` (also logged as an `rpc finished` event). For streams the
