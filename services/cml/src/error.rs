@@ -26,6 +26,9 @@ pub enum CmlError {
     /// CML could not be reached or failed (connection, 5xx, bad body).
     #[error("CML unavailable: {0}")]
     Unavailable(String),
+    /// The client's configuration is unusable (e.g. a base URL that is not an http(s) URL).
+    #[error("invalid CML endpoint: {0}")]
+    InvalidEndpoint(String),
 }
 
 impl CmlError {
