@@ -57,3 +57,24 @@ ensure_moto() {
 ensure_etcd() {
   ensure_apt etcd etcd-server etcd-client
 }
+
+# redis-server, for the gateway's shared-session tests (each test starts its own on a free port).
+ensure_redis() {
+  ensure_apt redis-server redis-server
+}
+
+# Chromium for the web UI's Playwright tests (web/e2e): the Debian package at /usr/bin/chromium.
+# Playwright never downloads a browser here (no `npx playwright install`).
+ensure_chromium() {
+  ensure_apt chromium chromium
+}
+
+# The web UI: npm ci (when package-lock.json changed) and a production build into web/dist, which
+# `ccm serve gateway` / `ccm dev` serve. The build regenerates web/src/gen from proto/ (buf +
+# protoc-gen-es, offline).
+ensure_web() {
+  if [ ! -d web/node_modules ] || [ web/package-lock.json -nt web/node_modules/.package-lock.json ]; then
+    (cd web && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+  (cd web && npm run --silent build)
+}

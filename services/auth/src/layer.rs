@@ -12,7 +12,11 @@
 //!    `OwnResourcesOnly` → the request goes on with the [`Caller`] and an [`Access`] in its
 //!    extensions (read them with [`caller_from_request`] / [`access_from_request`]).
 //!
-//! Rejections are ordinary gRPC responses (HTTP 200, trailers-only with `grpc-status`).
+//! Rejections are ordinary gRPC responses (HTTP 200, trailers-only with `grpc-status`) carrying
+//! `google.rpc` details like every other ccm error: `ErrorInfo` (domain [`ERROR_DOMAIN`], reason
+//! `UNAUTHENTICATED`, `PERMISSION_DENIED`, `UNAVAILABLE` or `INTERNAL`, metadata `method` and,
+//! for token errors, `cause`), `RequestInfo` with the call's `x-request-id` when the request has
+//! one, and `RetryInfo` when the identity provider is unavailable ([`with_error_details`]).
 //!
 //! [`AuthLayer::disabled`] (for `ccm dev --insecure-no-auth`) skips step 2 and gives every
 //! request [`Caller::anonymous_admin`], logging a loud warning once.
@@ -31,6 +35,50 @@ use tracing::Instrument as _;
 
 use crate::authenticator::{Authenticator, Caller};
 use crate::error::AuthError;
+
+/// `ErrorInfo.domain` of the layer's rejections (the domain of every ccm error).
+pub const ERROR_DOMAIN: &str = "ccm";
+/// Header carrying the request id (set by the server middleware before this layer runs).
+const REQUEST_ID_HEADER: &str = "x-request-id";
+/// `RetryInfo.retry_delay` of an `UNAVAILABLE` rejection (the identity provider is down).
+pub const UNAVAILABLE_RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `status` with `google.rpc` details: `ErrorInfo` (reason from the code, domain
+/// [`ERROR_DOMAIN`], metadata `method` = `path` and `cause` if given), `RequestInfo` with
+/// `request_id`, and `RetryInfo` for `UNAVAILABLE`. The code, message and metadata (the
+/// `www-authenticate` challenge) are kept.
+pub fn with_error_details(
+    status: &tonic::Status,
+    path: &str,
+    cause: Option<&str>,
+    request_id: Option<&str>,
+) -> tonic::Status {
+    let reason = match status.code() {
+        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
+        tonic::Code::Unavailable => "UNAVAILABLE",
+        tonic::Code::Internal => "INTERNAL",
+        _ => "UNKNOWN",
+    };
+    let mut metadata = HashMap::from([("method".to_owned(), path.to_owned())]);
+    if let Some(cause) = cause {
+        metadata.insert("cause".to_owned(), cause.to_owned());
+    }
+    let mut details = tonic_types::ErrorDetails::new();
+    details.set_error_info(reason, ERROR_DOMAIN, metadata);
+    if let Some(id) = request_id {
+        details.set_request_info(id, "");
+    }
+    if status.code() == tonic::Code::Unavailable {
+        details.set_retry_info(Some(UNAVAILABLE_RETRY_DELAY));
+    }
+    <tonic::Status as tonic_types::StatusExt>::with_error_details_and_metadata(
+        status.code(),
+        status.message(),
+        details,
+        status.metadata().clone(),
+    )
+}
 
 /// gRPC path prefixes served without authentication: health checking and server reflection
 /// (both versions). Everything else needs a token and a rule.
@@ -375,6 +423,11 @@ where
                     Ok(authorization) => layer.admit(&path, authorization).await,
                     Err(err) => Err(err.to_status()),
                 };
+                let request_id = request
+                    .headers()
+                    .get(REQUEST_ID_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
                 match admission {
                     Ok(Admission::Public) => inner.call(request).await,
                     Ok(Admission::Granted { caller, access }) => {
@@ -382,12 +435,33 @@ where
                         request.extensions_mut().insert(access);
                         inner.call(request).await
                     }
-                    Err(status) => Ok(status_response(&status)),
+                    Err(status) => {
+                        let cause = (status.code() == tonic::Code::Unauthenticated)
+                            .then(|| token_error_cause(&status));
+                        Ok(status_response(&with_error_details(
+                            &status,
+                            &path,
+                            cause.as_deref(),
+                            request_id.as_deref(),
+                        )))
+                    }
                 }
             }
             .instrument(span),
         )
     }
+}
+
+/// The RFC 6750 `error_description` of an `UNAUTHENTICATED` status's challenge ("token
+/// expired", …), or its message.
+fn token_error_cause(status: &tonic::Status) -> String {
+    let message = status.message();
+    message
+        .split("error_description=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or(message)
+        .to_owned()
 }
 
 /// The authenticated caller of a request that went through an [`AuthLayer`].

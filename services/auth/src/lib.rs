@@ -38,6 +38,7 @@ pub use config::{
 };
 pub use error::{AuthError, CHALLENGE_REALM, WWW_AUTHENTICATE};
 pub use layer::{
-    Access, Admission, AuthLayer, AuthService, PUBLIC_METHOD_PREFIXES, RbacTable,
-    access_from_request, caller_from_request, denied_message, status_response,
+    Access, Admission, AuthLayer, AuthService, ERROR_DOMAIN, PUBLIC_METHOD_PREFIXES, RbacTable,
+    UNAVAILABLE_RETRY_DELAY, access_from_request, caller_from_request, denied_message,
+    status_response, with_error_details,
 };

@@ -501,3 +501,83 @@ async fn rejections_are_trailers_only_grpc_responses_and_never_reach_the_service
     assert_eq!(response.body(), "inner");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn rejections_carry_google_rpc_details_with_the_request_id() {
+    use tonic_types::StatusExt as _;
+    let issuer = issuer().await;
+    let server = serve_templates(AuthLayer::new(authenticator(&issuer))).await;
+    let mut client = TemplateServiceClient::new(server.channel().await);
+
+    // No token: UNAUTHENTICATED, ErrorInfo with the cause, RequestInfo with the request id.
+    let mut request = with_token(ListTemplatesRequest::default(), None);
+    request
+        .metadata_mut()
+        .insert("x-request-id", MetadataValue::from_static("req-auth-1"));
+    let status = client.list_templates(request).await.expect_err("no token");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let details = status.get_error_details();
+    let info = details.error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "UNAUTHENTICATED");
+    assert_eq!(info.domain, ccm_auth::ERROR_DOMAIN);
+    assert_eq!(
+        info.metadata.get("method").map(String::as_str),
+        Some("/ccm.v1.TemplateService/ListTemplates")
+    );
+    assert_eq!(
+        info.metadata.get("cause").map(String::as_str),
+        Some("missing bearer token")
+    );
+    assert_eq!(
+        details.request_info().map(|r| r.request_id.as_str()),
+        Some("req-auth-1")
+    );
+    assert!(
+        status.metadata().get(WWW_AUTHENTICATE).is_some(),
+        "the challenge is kept"
+    );
+
+    // Expired token: the cause says so.
+    let expired = issuer.expired_token_for("admin").await.expect("token");
+    let status = client
+        .list_templates(with_token(ListTemplatesRequest::default(), Some(&expired)))
+        .await
+        .expect_err("expired");
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(
+        info.metadata.get("cause").map(String::as_str),
+        Some("token expired")
+    );
+    assert!(
+        status.get_details_request_info().is_none(),
+        "no x-request-id header, no RequestInfo"
+    );
+
+    // A role that may not write: PERMISSION_DENIED with ErrorInfo.
+    let viewer = issuer.token_for("viewer").await.expect("token");
+    let mut request = with_token(
+        DeleteTemplateRequest {
+            template_name: "small".into(),
+            resource_version: 1,
+        },
+        Some(&viewer),
+    );
+    request
+        .metadata_mut()
+        .insert("x-request-id", MetadataValue::from_static("req-auth-2"));
+    let status = client.delete_template(request).await.expect_err("denied");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(status.message(), "requires one of roles: admin");
+    let details = status.get_error_details();
+    let info = details.error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "PERMISSION_DENIED");
+    assert_eq!(
+        info.metadata.get("method").map(String::as_str),
+        Some("/ccm.v1.TemplateService/DeleteTemplate")
+    );
+    assert!(!info.metadata.contains_key("cause"));
+    assert_eq!(
+        details.request_info().map(|r| r.request_id.as_str()),
+        Some("req-auth-2")
+    );
+}

@@ -60,6 +60,19 @@ pub struct DevArgs {
     /// Where the embedded store keeps its data.
     #[arg(long, default_value = ".ccm-dev")]
     pub data_dir: PathBuf,
+    /// Port of the gateway (web UI, HTTP API); 0 picks a free one.
+    #[arg(long, default_value_t = 8080)]
+    pub http_port: u16,
+    /// gRPC port of the control plane; the scheduler and controller take the next two. 0 picks
+    /// free ones.
+    #[arg(long, default_value_t = 50051)]
+    pub grpc_port: u16,
+    /// The built web UI.
+    #[arg(long, default_value = "web/dist")]
+    pub ui_dir: PathBuf,
+    /// Do not create the demo definitions and bookings.
+    #[arg(long)]
+    pub no_seed: bool,
 }
 
 /// `ccm serve …`

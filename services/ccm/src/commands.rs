@@ -4,6 +4,7 @@ use crate::cli::{Cli, Command, ConfigCommand, ServeCommand};
 use crate::error::CliError;
 
 mod api;
+mod dev;
 mod lab;
 mod serve;
 mod serve_controller;
@@ -13,11 +14,7 @@ mod serve_scheduler;
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Dev(_) => Err(CliError::NotAvailableYet {
-            command: "dev".into(),
-            what: "it will run the control plane, scheduler, controller and gateway in one \
-                   process on SQLite with a simulated fleet and the web UI",
-        }),
+        Command::Dev(args) => dev::run(&args),
         Command::Serve {
             service: ServeCommand::ControlPlane(args),
         } => serve::control_plane(&args),
@@ -45,4 +42,27 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Lab { command } => lab::run(command),
         Command::Api { command } => api::run(command),
     }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM: how every long-running command is stopped.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested");
 }

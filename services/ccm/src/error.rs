@@ -46,6 +46,9 @@ pub enum CliError {
     /// The async runtime could not be started.
     #[error("starting the runtime: {0}")]
     Runtime(std::io::Error),
+    /// A service (scheduler, controller, gateway, or a `ccm dev` component) failed.
+    #[error("{0}")]
+    Failed(String),
     /// The compiled-in contracts could not be read.
     #[error("contracts: {0}")]
     Contracts(String),
@@ -60,7 +63,7 @@ impl CliError {
             CliError::Io { .. } => EXIT_IO,
             CliError::Domain(_) | CliError::Contracts(_) => EXIT_DATA,
             CliError::Service(e) if e.is_config() => EXIT_CONFIG,
-            CliError::Service(_) | CliError::Runtime(_) => EXIT_SOFTWARE,
+            CliError::Service(_) | CliError::Runtime(_) | CliError::Failed(_) => EXIT_SOFTWARE,
         }
     }
 

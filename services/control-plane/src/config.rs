@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use crate::error::ControlPlaneError;
 
+pub use ccm_runtime::metrics::DEFAULT_METRICS_ADDR;
 pub use ccm_runtime::server::{
     DEFAULT_CONCURRENCY_LIMIT, DEFAULT_LISTEN_ADDR, DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_REQUEST_TIMEOUT, DEFAULT_SHUTDOWN_GRACE_PERIOD,
@@ -71,6 +72,27 @@ pub const MIN_MAX_MESSAGE_SIZE: usize = 64 * 1024;
 pub const MAX_MAX_MESSAGE_SIZE: usize = 256 * 1024 * 1024;
 /// Longest accepted shutdown grace period.
 pub const MAX_SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(600);
+/// Default retention of audit records (`audit.retention`): 365 days, the store's
+/// `AUDIT_RETENTION_DEFAULT` (domain.md §7: 3 to 12 months).
+pub const DEFAULT_AUDIT_RETENTION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Shortest audit retention accepted: 90 days (the store refuses to purge younger entries).
+pub const MIN_AUDIT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Longest audit retention accepted: 365 days (MongoDB's TTL index expires older entries).
+pub const MAX_AUDIT_RETENTION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Default retention of scaling decisions (`audit.scaling_retention`): 365 days.
+pub const DEFAULT_SCALING_RETENTION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Shortest scaling-decision retention accepted: 90 days.
+pub const MIN_SCALING_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Longest scaling-decision retention accepted: 365 days.
+pub const MAX_SCALING_RETENTION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Default time between two purges of the audit and scaling logs (`audit.purge_interval`).
+pub const DEFAULT_AUDIT_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+/// Shortest purge interval accepted.
+pub const MIN_AUDIT_PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// Longest purge interval accepted.
+pub const MAX_AUDIT_PURGE_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// Values of `metrics_addr` that turn the `/metrics` listener off.
+pub const METRICS_ADDR_OFF: &[&str] = &["", "0", "none", "off"];
 /// Environment variable naming the configuration file when `--config` is not given.
 pub const CONFIG_FILE_ENV: &str = "CCM_CONFIG";
 /// Prefix of every configuration environment variable.
@@ -194,6 +216,27 @@ impl LogFormat {
     }
 }
 
+/// Retention of the audit and scaling-decision logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// Audit records older than this are purged (`audit.retention`).
+    pub retention: Duration,
+    /// Scaling decisions older than this are purged (`audit.scaling_retention`).
+    pub scaling_retention: Duration,
+    /// Time between two purges (`audit.purge_interval`); the first runs at start-up.
+    pub purge_interval: Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            retention: DEFAULT_AUDIT_RETENTION,
+            scaling_retention: DEFAULT_SCALING_RETENTION,
+            purge_interval: DEFAULT_AUDIT_PURGE_INTERVAL,
+        }
+    }
+}
+
 /// Logs and traces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TelemetryConfig {
@@ -256,6 +299,10 @@ pub struct ControlPlaneConfig {
     pub templates_seed_file: Option<PathBuf>,
     /// Logs and traces (`telemetry.*`).
     pub telemetry: TelemetryConfig,
+    /// Where `/metrics` is served (`metrics_addr`); `None`: not served.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Retention of the audit and scaling logs (`audit.*`).
+    pub audit: AuditConfig,
     sources: BTreeMap<&'static str, ConfigSource>,
 }
 
@@ -273,6 +320,8 @@ impl PartialEq for ControlPlaneConfig {
             && self.shutdown_grace_period == other.shutdown_grace_period
             && self.templates_seed_file == other.templates_seed_file
             && self.telemetry == other.telemetry
+            && self.metrics_addr == other.metrics_addr
+            && self.audit == other.audit
     }
 }
 
@@ -310,6 +359,8 @@ impl Default for ControlPlaneConfig {
                 log_format: LogFormat::Text,
                 otlp_endpoint: None,
             },
+            metrics_addr: Some(DEFAULT_METRICS_ADDR),
+            audit: AuditConfig::default(),
             sources: BTreeMap::new(),
         }
     }
@@ -404,6 +455,12 @@ pub const KEYS: &[KeySpec] = &[
         env: "CCM_TEMPLATES_SEED_FILE",
         flag: "--templates-seed-file",
         kind: KeyKind::Text,
+    },
+    KeySpec {
+        key: "metrics_addr",
+        env: "CCM_METRICS_ADDR",
+        flag: "--metrics-addr",
+        kind: KeyKind::Address,
     },
     KeySpec {
         key: "store.backend",
@@ -501,10 +558,35 @@ pub const KEYS: &[KeySpec] = &[
         flag: "--telemetry-otlp-endpoint",
         kind: KeyKind::Text,
     },
+    KeySpec {
+        key: "audit.retention",
+        env: "CCM_AUDIT__RETENTION",
+        flag: "--audit-retention",
+        kind: KeyKind::Duration,
+    },
+    KeySpec {
+        key: "audit.scaling_retention",
+        env: "CCM_AUDIT__SCALING_RETENTION",
+        flag: "--audit-scaling-retention",
+        kind: KeyKind::Duration,
+    },
+    KeySpec {
+        key: "audit.purge_interval",
+        env: "CCM_AUDIT__PURGE_INTERVAL",
+        flag: "--audit-purge-interval",
+        kind: KeyKind::Duration,
+    },
 ];
 
 /// The sections (TOML tables) of the configuration.
-pub const SECTIONS: &[&str] = &["store", "coordination", "auth", "cloudevents", "telemetry"];
+pub const SECTIONS: &[&str] = &[
+    "store",
+    "coordination",
+    "auth",
+    "cloudevents",
+    "telemetry",
+    "audit",
+];
 
 fn spec(key: &str) -> Option<&'static KeySpec> {
     KEYS.iter().find(|k| k.key == key)
@@ -591,6 +673,18 @@ pub struct ControlPlaneArgs {
     /// OTLP endpoint for traces (none: no export).
     #[arg(long = "telemetry-otlp-endpoint", value_name = "URL")]
     pub telemetry_otlp_endpoint: Option<String>,
+    /// Address of the /metrics listener, or none [default: 127.0.0.1:9464].
+    #[arg(long = "metrics-addr", value_name = "HOST:PORT|none")]
+    pub metrics_addr: Option<String>,
+    /// Audit records older than this are purged, e.g. 2160h [default: 8760h = 365 days].
+    #[arg(long = "audit-retention", value_name = "DURATION")]
+    pub audit_retention: Option<String>,
+    /// Scaling decisions older than this are purged [default: 8760h = 365 days].
+    #[arg(long = "audit-scaling-retention", value_name = "DURATION")]
+    pub audit_scaling_retention: Option<String>,
+    /// Time between two purges of the audit and scaling logs [default: 1h].
+    #[arg(long = "audit-purge-interval", value_name = "DURATION")]
+    pub audit_purge_interval: Option<String>,
 }
 
 impl ControlPlaneArgs {
@@ -622,6 +716,10 @@ impl ControlPlaneArgs {
             ("cloudevents.source", &self.cloudevents_source),
             ("telemetry.log_format", &self.telemetry_log_format),
             ("telemetry.otlp_endpoint", &self.telemetry_otlp_endpoint),
+            ("metrics_addr", &self.metrics_addr),
+            ("audit.retention", &self.audit_retention),
+            ("audit.scaling_retention", &self.audit_scaling_retention),
+            ("audit.purge_interval", &self.audit_purge_interval),
         ];
         let mut out: Vec<(&'static str, String)> = text
             .into_iter()
@@ -1173,6 +1271,31 @@ fn resolve(
         },
         otlp_endpoint: r.text("telemetry.otlp_endpoint")?.filter(|s| !s.is_empty()),
     };
+    let metrics_addr = match r.get("metrics_addr", |raw| {
+        let text = raw_text(raw, "an address such as \"127.0.0.1:9464\", or \"none\"")?;
+        let trimmed = text.trim();
+        if METRICS_ADDR_OFF.contains(&trimmed.to_ascii_lowercase().as_str()) {
+            return Ok(None);
+        }
+        trimmed.parse::<SocketAddr>().map(Some).map_err(|_| {
+            format!(
+                "invalid address {text:?}: expected host:port with an IP, e.g. 0.0.0.0:9464, \
+                 or \"none\" to serve no metrics"
+            )
+        })
+    })? {
+        Some(a) => a,
+        None => d.metrics_addr,
+    };
+    let audit = AuditConfig {
+        retention: r.duration("audit.retention")?.unwrap_or(d.audit.retention),
+        scaling_retention: r
+            .duration("audit.scaling_retention")?
+            .unwrap_or(d.audit.scaling_retention),
+        purge_interval: r
+            .duration("audit.purge_interval")?
+            .unwrap_or(d.audit.purge_interval),
+    };
 
     Ok(ControlPlaneConfig {
         listen_addr,
@@ -1187,6 +1310,8 @@ fn resolve(
         shutdown_grace_period,
         templates_seed_file,
         telemetry,
+        metrics_addr,
+        audit,
         sources: r.sources,
     })
 }
@@ -1418,6 +1543,51 @@ impl ControlPlaneConfig {
         {
             return Err(self.invalid("telemetry.otlp_endpoint", why));
         }
+        if let Some(metrics) = self.metrics_addr
+            && metrics == self.listen_addr
+            && metrics.port() != 0
+        {
+            return Err(ControlPlaneError::ConfigConflict {
+                message: format!(
+                    "metrics_addr (from {}) and listen_addr (from {}) are both {metrics}; give \
+                     /metrics its own port",
+                    self.source_of("metrics_addr"),
+                    self.source_of("listen_addr")
+                ),
+            });
+        }
+        for (key, value, min, max) in [
+            (
+                "audit.retention",
+                self.audit.retention,
+                MIN_AUDIT_RETENTION,
+                MAX_AUDIT_RETENTION,
+            ),
+            (
+                "audit.scaling_retention",
+                self.audit.scaling_retention,
+                MIN_SCALING_RETENTION,
+                MAX_SCALING_RETENTION,
+            ),
+            (
+                "audit.purge_interval",
+                self.audit.purge_interval,
+                MIN_AUDIT_PURGE_INTERVAL,
+                MAX_AUDIT_PURGE_INTERVAL,
+            ),
+        ] {
+            if !(min..=max).contains(&value) {
+                return Err(self.invalid(
+                    key,
+                    format!(
+                        "must be between {} and {}, got {}",
+                        format_duration(min),
+                        format_duration(max),
+                        format_duration(value)
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -1478,6 +1648,13 @@ impl ControlPlaneConfig {
                 toml::Value::String(path.display().to_string()),
             ));
         }
+        lines.push((
+            "metrics_addr",
+            toml::Value::String(
+                self.metrics_addr
+                    .map_or_else(|| "none".to_owned(), |a| a.to_string()),
+            ),
+        ));
         match &self.store {
             StoreConfig::Sqlite { path } => {
                 lines.push(("store.backend", toml::Value::String("sqlite".into())));
@@ -1545,6 +1722,13 @@ impl ControlPlaneConfig {
                 "telemetry.otlp_endpoint",
                 toml::Value::String(redact_url(endpoint)),
             ));
+        }
+        for (key, value) in [
+            ("audit.retention", self.audit.retention),
+            ("audit.scaling_retention", self.audit.scaling_retention),
+            ("audit.purge_interval", self.audit.purge_interval),
+        ] {
+            lines.push((key, toml::Value::String(format_duration(value))));
         }
 
         let mut out = String::from(

@@ -369,10 +369,17 @@ impl ApiError {
     /// [`REASON_STALE_LEADER_EPOCH`] with metadata `role`, `presented_epoch`, `current_epoch`.
     pub fn stale_fence(role: impl Into<String>, presented: i64, current: i64) -> Self {
         let role = role.into();
-        let description = format!(
-            "leader epoch {presented} of {role} is stale (current epoch {current}); \
-             this replica is no longer the leader"
-        );
+        let description = if current <= 0 {
+            format!(
+                "leader epoch {presented} of {role} is stale: no {role} leader has been elected \
+                 (current epoch 0); win the {role} election before calling"
+            )
+        } else {
+            format!(
+                "leader epoch {presented} of {role} is stale (current epoch {current}); \
+                 this replica is no longer the leader"
+            )
+        };
         ApiError::FailedPrecondition {
             message: description.clone(),
             reason: REASON_STALE_LEADER_EPOCH.to_owned(),

@@ -27,6 +27,9 @@ pub struct Origin {
     pub method: String,
     /// The request id, when the change comes from a call.
     pub request_id: String,
+    /// The W3C trace id of the call (32 hex digits; the caller's `traceparent`, or the trace
+    /// the call started), when the change comes from a served call. Audit records carry it.
+    pub trace_id: String,
 }
 
 impl Origin {
@@ -56,13 +59,16 @@ impl Origin {
             actor_kind,
             method: String::new(),
             request_id: String::new(),
+            trace_id: String::new(),
         }
     }
 
-    /// The same origin, inside the call `method` with `request_id`.
+    /// The same origin, inside the call `method` with `request_id`; the trace id is that of
+    /// the call being served ([`ccm_runtime::server::current_trace_id`]), if any.
     pub fn in_call(mut self, method: &str, request_id: Option<&str>) -> Origin {
         self.method = method.to_string();
         self.request_id = request_id.unwrap_or_default().to_string();
+        self.trace_id = ccm_runtime::server::current_trace_id().unwrap_or_default();
         self
     }
 }
@@ -208,7 +214,7 @@ impl Mutation {
             reason: facts.reason,
             details: facts.details,
             method: origin.method.clone(),
-            trace_id: origin.request_id.clone(),
+            trace_id: origin.trace_id.clone(),
         };
         self.append_audit(record);
     }
@@ -416,7 +422,11 @@ mod tests {
         assert_eq!(entry.actor, "user:alice");
         let record = audit_from_entry(entry).expect("decodes");
         assert_eq!(record.action, "instance.create");
-        assert_eq!(record.trace_id, "r1");
+        assert_eq!(record.method, "/ccm.v1.InstanceService/CreateInstance");
+        assert_eq!(
+            record.trace_id, "",
+            "outside a served call there is no trace id (the request id is not one)"
+        );
         assert_eq!(record.id, entry.id.to_string());
     }
 }

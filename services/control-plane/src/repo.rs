@@ -68,6 +68,47 @@ pub fn decode<E: Entity>(doc: &Document) -> Result<E, ApiError> {
     Ok(entity)
 }
 
+/// Most definition versions [`decode_definition`] keeps decoded (the cache is emptied when it
+/// would grow past this).
+pub const DEFINITION_CACHE_ENTRIES: usize = 4096;
+
+/// Decoded definition versions by document id: the resource version and body they were decoded
+/// from, and the result.
+type DefinitionCache =
+    std::sync::Mutex<std::collections::HashMap<String, (i64, Body, LabletDefinition)>>;
+
+/// [`decode`] for definition versions, remembering what it decoded.
+///
+/// A definition version's content never changes once created (only its status, which bumps the
+/// resource version), and every booking reads one, so the decoded form is kept and reused for as
+/// long as the stored document has the same resource version AND the same body. Comparing the
+/// body makes the cache exact even when one process talks to several stores (tests) or another
+/// replica rewrote the document: a hit is a document byte-for-byte equal to the one decoded.
+pub fn decode_definition(doc: &Document) -> Result<LabletDefinition, ApiError> {
+    static CACHE: std::sync::LazyLock<DefinitionCache> = std::sync::LazyLock::new(Default::default);
+    let lock = || {
+        CACHE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    if let Some((version, body, definition)) = lock().get(&doc.id)
+        && *version == doc.resource_version
+        && body.as_str() == doc.body.as_str()
+    {
+        return Ok(definition.clone());
+    }
+    let definition: LabletDefinition = decode(doc)?;
+    let mut cache = lock();
+    if cache.len() >= DEFINITION_CACHE_ENTRIES {
+        cache.clear();
+    }
+    cache.insert(
+        doc.id.clone(),
+        (doc.resource_version, doc.body.clone(), definition.clone()),
+    );
+    Ok(definition)
+}
+
 /// The document an entity is written as.
 pub fn document<E: Entity>(entity: &E) -> Result<DocumentData, ApiError> {
     Ok(DocumentData::new(E::KIND, entity.doc_id(), encode(entity)?).with_index(entity.index()))

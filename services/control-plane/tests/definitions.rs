@@ -279,7 +279,7 @@ async fn test_create_definition_is_stored_with_semver_and_readable() {
         d.lab_yaml_hash,
         ccm_core::version::content_hash(yaml.as_bytes())
     );
-    assert_eq!(d.created_by, "anonymous");
+    assert_eq!(d.created_by, "user:anonymous");
     assert_eq!(d.resource_version, 1);
     assert!(
         d.lab_yaml.is_empty(),
@@ -563,8 +563,8 @@ async fn test_sync_with_changed_artifact_creates_patch_version_and_event() {
         "{v:?}"
     );
     assert!(
-        v.iter().any(|(f, _)| f == "port_template.ports[1].name"),
-        "vnc_1 is now unused: {v:?}"
+        !v.iter().any(|(f, _)| f == "port_template.ports[1].name"),
+        "vnc_1 is now unused, which is a warning, not a violation: {v:?}"
     );
     assert_eq!(versions(&mut client, &id, true).await.len(), 3);
 
@@ -899,16 +899,33 @@ async fn test_create_rejects_artifacts_that_do_not_match_the_definition() {
         "{v:?}"
     );
 
-    // A port no placeholder refers to.
+    // A port no placeholder refers to: accepted, with a WARNING finding (definition.proto).
     let mut d = definition("unused-port", &file_uri(&fixture("lab-ports.yaml")));
     if let Some(t) = d.port_template.as_mut() {
         t.ports.push(port("ssh_1"));
     }
-    let status = create_err(&mut client, d).await;
-    let v = violations(&status);
-    assert_eq!(v.len(), 1, "{v:?}");
-    assert_eq!(v[0].0, "definition.port_template.ports[2].name");
-    assert!(v[0].1.contains("${PORT_SSH_1}"), "{v:?}");
+    let created = client
+        .create_definition(pb::CreateDefinitionRequest {
+            definition: Some(d),
+            ..Default::default()
+        })
+        .await
+        .expect("an unused port is a warning, not an error")
+        .into_inner();
+    let warnings: Vec<(String, String, pb::FindingSeverity)> = created
+        .findings
+        .iter()
+        .map(|f| (f.code.clone(), f.path.clone(), f.severity()))
+        .collect();
+    assert_eq!(
+        warnings,
+        [(
+            "port.unused".to_owned(),
+            "port_template.ports[2].name".to_owned(),
+            pb::FindingSeverity::Warning
+        )]
+    );
+    assert!(created.findings[0].message.contains("${PORT_SSH_1}"));
 
     // Fewer nodes declared than the topology has.
     let mut d = definition("too-few-nodes", &file_uri(&fixture("lab-ports.yaml")));
@@ -956,7 +973,8 @@ async fn test_create_rejects_artifacts_that_do_not_match_the_definition() {
     let not_a_lab = dir.write("list.yaml", "- just\n- a list\n");
     let status = create_err(&mut client, definition("list", &file_uri(&not_a_lab))).await;
     assert_eq!(fields(&status), ["definition.lab_yaml"]);
-    assert_eq!(definitions_stored(&plane).await, 0);
+    // Only the definition with the unused port (a warning) was stored.
+    assert_eq!(definitions_stored(&plane).await, 1);
 
     // More nodes declared than the topology has: accepted, with a warning.
     let mut d = definition("spare-nodes", &file_uri(&fixture("lab-ports.yaml")));
@@ -965,7 +983,7 @@ async fn test_create_rejects_artifacts_that_do_not_match_the_definition() {
     assert_eq!(created.findings.len(), 1, "{:?}", created.findings);
     assert_eq!(created.findings[0].code, "nodes.count_mismatch");
     assert_eq!(created.findings[0].severity(), pb::FindingSeverity::Warning);
-    assert_eq!(definitions_stored(&plane).await, 1);
+    assert_eq!(definitions_stored(&plane).await, 2);
     plane.stop().await.expect("stops");
 }
 
@@ -1030,14 +1048,14 @@ async fn test_validate_definition_reports_every_finding_without_writing() {
                 pb::FindingSeverity::Error
             ),
             (
-                "port.unused".to_owned(),
-                "port_template.ports[1].name".to_owned(),
-                pb::FindingSeverity::Error
-            ),
-            (
                 "nodes.count_mismatch".to_owned(),
                 "node_count".to_owned(),
                 pb::FindingSeverity::Error
+            ),
+            (
+                "port.unused".to_owned(),
+                "port_template.ports[1].name".to_owned(),
+                pb::FindingSeverity::Warning
             ),
         ],
         "every problem, errors first"

@@ -755,6 +755,90 @@ async fn a_watch_sends_the_initial_state_then_live_changes_in_revision_order() {
     quiet(&mut stream, Duration::from_millis(200)).await;
 }
 
+fn worker_of(c: &pb::ChangeEvent) -> &pb::CmlWorker {
+    match &c.resource {
+        Some(pb::change_event::Resource::Worker(w)) => w,
+        other => panic!("expected a worker, got {other:?}"),
+    }
+}
+
+/// The fields of a worker GetWorker computes rather than stores.
+type Derived = (
+    Option<pb::WorkerCapacity>,
+    Option<pb::WorkerCapacity>,
+    i32,
+    Vec<String>,
+);
+
+fn derived(w: &pb::CmlWorker) -> Derived {
+    (
+        w.allocated_capacity,
+        w.available_capacity,
+        w.available_ports,
+        w.instance_ids.clone(),
+    )
+}
+
+#[tokio::test]
+async fn watched_workers_carry_the_capacity_and_ports_get_worker_computes() {
+    use ccm_proto::v1::worker_service_client::WorkerServiceClient;
+    let mut env = env().await;
+    let def = world(&env.plane.app).await;
+    put(
+        &env.plane.app,
+        &mut instance("i-1", &def, "alice", at(1), at(3)),
+    )
+    .await;
+    // Placed and instantiating: it holds 4 cpu / 16 GiB and two of w-1's 1,000 ports.
+    drive(&mut env, "i-1", 2000, pb::InstanceState::Instantiating).await;
+    let mut workers = WorkerServiceClient::new(env.plane.channel().await.expect("channel"));
+    let got = workers
+        .get_worker(pb::GetWorkerRequest {
+            worker_id: "w-1".into(),
+        })
+        .await
+        .expect("GetWorker")
+        .into_inner()
+        .worker
+        .expect("worker");
+    assert_eq!(got.allocated_capacity.map(|c| c.cpu_cores), Some(4));
+    assert_eq!(got.available_capacity.map(|c| c.cpu_cores), Some(44));
+    assert_eq!(got.available_ports, 998);
+    assert_eq!(got.instance_ids, ["i-1"]);
+
+    let mut stream = watch(
+        &mut env.events,
+        pb::WatchEventsRequest {
+            kinds: vec![pb::ResourceKind::Worker as i32],
+            send_initial_state: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    // The initial state.
+    let initial = next_change(&mut stream).await;
+    assert_eq!(initial.r#type(), pb::ChangeType::Added);
+    assert_eq!(derived(worker_of(&initial)), derived(&got));
+
+    // A live change of the worker (a drain) carries them too.
+    let drained = workers
+        .drain_worker(pb::DrainWorkerRequest {
+            worker_id: "w-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("DrainWorker")
+        .into_inner()
+        .worker
+        .expect("worker");
+    let live = next_change(&mut stream).await;
+    assert_eq!(live.r#type(), pb::ChangeType::Modified);
+    let w = worker_of(&live);
+    assert_eq!(w.state(), pb::WorkerState::Draining);
+    assert_eq!(derived(w), derived(&drained));
+    assert_eq!(derived(w), derived(&got));
+}
+
 #[tokio::test]
 async fn a_watch_resumes_after_a_revision_without_gaps_or_duplicates() {
     let mut env = env().await;

@@ -333,7 +333,7 @@ async fn test_create_instance_is_pending_with_its_cloudevent_change_event_and_au
         created.owner_id, "anonymous",
         "auth off: the anonymous admin books"
     );
-    assert_eq!(created.created_by, "anonymous");
+    assert_eq!(created.created_by, "user:anonymous");
     assert_eq!(created.created_at, Some(ts(test_epoch())));
     assert_eq!(created.time_slot, Some(slot(start, 60)));
     assert!(created.worker_id.is_empty() && created.allocated_ports.is_empty());
@@ -866,7 +866,7 @@ async fn test_users_see_and_act_on_their_own_instances_only() {
         .instance
         .expect("instance");
     assert_eq!(bobs.owner_id, bob_sub);
-    assert_eq!(bobs.created_by, manager_sub);
+    assert_eq!(bobs.created_by, format!("user:{manager_sub}"));
 
     // Bob sees his own instance, not Alice's: NOT_FOUND, never PERMISSION_DENIED.
     let get = |id: &str| pb::GetInstanceRequest {

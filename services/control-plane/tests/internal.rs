@@ -360,6 +360,58 @@ async fn every_rpc_rejects_missing_unknown_role_stale_and_foreign_fences_and_wri
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
+async fn a_fence_before_any_election_says_no_leader_was_elected() {
+    // No election has been held: the current epoch of both roles is 0.
+    let plane = TestPlane::start().await.expect("plane");
+    let mut client = InternalServiceClient::new(plane.channel().await.expect("channel"));
+    for role in ["scheduler", "controller"] {
+        let fence = pb::LeaderFence {
+            role: role.to_owned(),
+            epoch: 1,
+            holder_id: format!("{role}-1"),
+        };
+        for (rpc, r) in call_all(&mut client, Some(fence.clone())).await {
+            if !allowed(rpc, role) || rpc == "ListScalingDecisionHistory" {
+                continue;
+            }
+            let status = r.expect_err(rpc);
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{rpc}");
+            assert_eq!(reason(&status), "STALE_LEADER_EPOCH", "{rpc}");
+            assert!(
+                status
+                    .message()
+                    .contains(&format!("no {role} leader has been elected")),
+                "{rpc}: {}",
+                status.message()
+            );
+            assert!(
+                !status.message().contains("no longer the leader"),
+                "{rpc}: {}",
+                status.message()
+            );
+        }
+    }
+    // After an election, a wrong epoch is reported against the current one.
+    let (_l, current) = lead(plane.coord.as_ref(), "scheduler", "scheduler-2").await;
+    let stale = pb::LeaderFence {
+        epoch: current.epoch + 1,
+        ..current.clone()
+    };
+    let status = client
+        .commit_placements(pb::CommitPlacementsRequest {
+            fence: Some(stale),
+            placements: vec![placement("i-x", "w-x", &[])],
+        })
+        .await
+        .expect_err("stale");
+    assert!(
+        status.message().contains("no longer the leader"),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test]
 async fn commit_placements_reports_every_outcome_and_commits_the_valid_items_only() {
     let mut env = env().await;
     let def = world(&env).await;

@@ -1,6 +1,8 @@
 //! A connection to the control plane, as the scheduler, the controller and the gateway hold
 //! one: a tonic [`Channel`] plus, when the deployment has an identity provider, the service
-//! token added to every call.
+//! token added to every call. Every call also carries the W3C `traceparent` of the current span
+//! (see [`crate::telemetry::current_trace_headers`]), so the control plane's `rpc` span — and
+//! the audit records the call writes — belong to the caller's trace.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), ccm_runtime::RuntimeError> {
@@ -33,12 +35,16 @@ pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 /// Largest message the clients accept or send (a full worker or instance list can be big).
 pub const DEFAULT_CLIENT_MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 
-/// Adds the service token (when there is one) to every call.
+/// Adds the service token (when there is one) and the current trace context to every call.
 #[derive(Debug, Clone, Default)]
 pub struct MaybeToken(Option<ccm_auth::ServiceTokenInterceptor>);
 
 impl Interceptor for MaybeToken {
-    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        crate::telemetry::inject_current_metadata(request.metadata_mut());
         match &mut self.0 {
             Some(inner) => inner.call(request),
             None => Ok(request),
@@ -46,7 +52,7 @@ impl Interceptor for MaybeToken {
     }
 }
 
-/// A channel carrying the service token.
+/// A channel carrying the service token and the trace context.
 pub type AuthedChannel = InterceptedService<Channel, MaybeToken>;
 
 /// A connection to the control plane. Cloning is cheap (the channel is shared).
@@ -88,7 +94,9 @@ impl PlaneClient {
         &self.channel
     }
 
-    fn authed(&self) -> AuthedChannel {
+    /// The channel with the service token and trace context added to every call: build any
+    /// generated client on it (`SchedulerServiceClient::new(plane.authed())`).
+    pub fn authed(&self) -> AuthedChannel {
         InterceptedService::new(self.channel.clone(), self.interceptor.clone())
     }
 

@@ -27,4 +27,10 @@ pub enum RuntimeError {
     /// The control-plane client could not be set up.
     #[error("control-plane client: {0}")]
     Client(String),
+    /// A metric could not be registered or encoded, or the metrics listener failed.
+    #[error("metrics: {0}")]
+    Metrics(String),
+    /// Tracing, OTLP export or logging could not be set up.
+    #[error("telemetry: {0}")]
+    Telemetry(String),
 }

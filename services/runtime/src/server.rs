@@ -31,7 +31,15 @@
 //! and gives it a `grpc.health.v1.Health` entry under its full name (e.g.
 //! `ccm.v1.DefinitionService`), `SERVING` once the server is bound. The overall entry (`""`) is
 //! `SERVING` too. Reflection (v1 and v1alpha) advertises every registered service plus health
-//! and reflection, and resolves every symbol of the ccm contracts.
+//! and reflection, and resolves every symbol of the ccm contracts and the `google.rpc` error
+//! detail types (`google.rpc.BadRequest`, `ErrorInfo`, …), so `grpcurl` prints error details.
+//!
+//! # Metrics and tracing
+//!
+//! Every call is counted in the gRPC server metrics of [`Metrics::global`] (or the registry
+//! given to [`Server::with_metrics`]) and traced in an `rpc` span that continues the caller's
+//! W3C trace (see [`middleware`], [`crate::metrics`], [`crate::telemetry`]). Serving `/metrics`
+//! is up to the service: [`crate::metrics::MetricsServer`].
 //!
 //! # The extra layer
 //!
@@ -75,13 +83,14 @@ use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::error::{BoxError, RuntimeError};
+use crate::metrics::Metrics;
 
 mod io;
 pub mod middleware;
 
 pub use middleware::{
     BoxedGrpcService, GrpcRequest, GrpcResponse, REQUEST_ID_HEADER, RequestId, current_request_id,
-    request_id,
+    current_trace_id, request_id,
 };
 
 /// How long `run` waits for connections to close after forcing them, before giving up on them.
@@ -228,11 +237,13 @@ impl ServiceSet {
 
 type LayerFn = Box<dyn FnOnce(BoxedGrpcService) -> BoxedGrpcService + Send>;
 
-/// A server being assembled: settings, services and the optional extra layer.
+/// A server being assembled: settings, services, the optional extra layer and the metrics
+/// registry.
 pub struct Server {
     settings: ServerSettings,
     services: ServiceSet,
     layer: Option<LayerFn>,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Server {
@@ -252,7 +263,16 @@ impl Server {
             settings,
             services,
             layer: None,
+            metrics: Metrics::global().clone(),
         }
+    }
+
+    /// Records the gRPC server metrics in `metrics` instead of [`Metrics::global`] (tests, or a
+    /// process serving a registry of its own).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Wraps the application services in `layer` (authentication / authorisation). Health and
@@ -282,6 +302,7 @@ impl Server {
             settings,
             services,
             layer,
+            metrics,
         } = self;
         let listener = TcpListener::bind(settings.listen_addr)
             .await
@@ -311,11 +332,13 @@ impl Server {
         }
         let health_server = HealthServer::new(HealthService::from_health_reporter(health.clone()));
 
-        // Reflection, v1 and v1alpha, over the ccm contracts and the health protocol.
-        let reflection_v1 = reflection_builder(&names)
+        // Reflection, v1 and v1alpha, over the ccm contracts, the health protocol and the
+        // google.rpc error details.
+        let google_rpc = google_rpc_descriptors()?;
+        let reflection_v1 = reflection_builder(&names, google_rpc.clone())
             .build_v1()
             .map_err(|e| RuntimeError::Reflection(e.to_string()))?;
-        let reflection_v1alpha = reflection_builder(&names)
+        let reflection_v1alpha = reflection_builder(&names, google_rpc)
             .build_v1alpha()
             .map_err(|e| RuntimeError::Reflection(e.to_string()))?;
 
@@ -332,6 +355,14 @@ impl Server {
             app = layer(app);
         }
 
+        let grpc_metrics = middleware::GrpcMetrics::register(
+            &metrics,
+            names
+                .iter()
+                .map(|n| (*n).to_owned())
+                .chain(PUBLIC_SERVICE_NAMES.iter().map(|n| (*n).to_owned())),
+            known_methods(&names),
+        )?;
         let in_flight = Arc::new(AtomicUsize::new(0));
         let rpc = middleware::RpcService::new(
             app,
@@ -340,6 +371,7 @@ impl Server {
                 request_timeout: settings.request_timeout,
                 concurrency: Arc::new(Semaphore::new(settings.concurrency_limit.max(1))),
                 in_flight: in_flight.clone(),
+                metrics: grpc_metrics,
             },
         );
 
@@ -373,11 +405,48 @@ fn boxed_routes(routes: Routes) -> BoxedGrpcService {
 const HEALTH_SERVICE_NAME: &str = "grpc.health.v1.Health";
 const REFLECTION_V1_NAME: &str = "grpc.reflection.v1.ServerReflection";
 const REFLECTION_V1ALPHA_NAME: &str = "grpc.reflection.v1alpha.ServerReflection";
+const PUBLIC_SERVICE_NAMES: &[&str] = &[
+    HEALTH_SERVICE_NAME,
+    REFLECTION_V1_NAME,
+    REFLECTION_V1ALPHA_NAME,
+];
+/// Methods of the public services, by full path (the labels of their metrics).
+const PUBLIC_METHODS: &[&str] = &[
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
 
-fn reflection_builder(names: &[&'static str]) -> tonic_reflection::server::Builder<'static> {
+/// Full paths of every method the server answers: those of the registered ccm services (from
+/// the contracts' descriptors) and of health and reflection.
+fn known_methods(names: &[&'static str]) -> Vec<String> {
+    let pool = ccm_proto::descriptor_pool();
+    let mut out: Vec<String> = PUBLIC_METHODS.iter().map(|m| (*m).to_owned()).collect();
+    for name in names {
+        if let Some(service) = pool.get_service_by_name(name) {
+            out.extend(
+                service
+                    .methods()
+                    .map(|m| format!("/{}/{}", service.full_name(), m.name())),
+            );
+        }
+    }
+    out
+}
+
+/// The descriptors reflection serves: the ccm contracts, the health protocol and the
+/// `google.rpc` error details (`google/rpc/error_details.proto`, `google/rpc/status.proto`:
+/// `BadRequest`, `ErrorInfo`, `PreconditionFailure`, `RequestInfo`, `ResourceInfo`,
+/// `RetryInfo`, …), so `grpcurl` decodes the details of every error.
+fn reflection_builder(
+    names: &[&'static str],
+    google_rpc: prost_types::FileDescriptorSet,
+) -> tonic_reflection::server::Builder<'static> {
     let mut builder = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ccm_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_file_descriptor_set(google_rpc);
     for name in names.iter().copied().chain([
         HEALTH_SERVICE_NAME,
         REFLECTION_V1_NAME,
@@ -386,6 +455,34 @@ fn reflection_builder(names: &[&'static str]) -> tonic_reflection::server::Build
         builder = builder.with_service_name(name);
     }
     builder
+}
+
+/// The `google.rpc` descriptors tonic-types ships, under their canonical file names
+/// (`google/rpc/error_details.proto`, `google/rpc/status.proto`; tonic-types names them
+/// without the directory), so clients that resolve imports by path find them.
+fn google_rpc_descriptors() -> Result<prost_types::FileDescriptorSet, RuntimeError> {
+    use prost::Message as _;
+    let mut set = prost_types::FileDescriptorSet::decode(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .map_err(|e| RuntimeError::Reflection(format!("google.rpc descriptors: {e}")))?;
+    let mut renamed = std::collections::HashMap::new();
+    for file in &mut set.file {
+        if file.package.as_deref() == Some("google.rpc")
+            && let Some(name) = &file.name
+            && !name.contains('/')
+        {
+            let canonical = format!("google/rpc/{name}");
+            renamed.insert(name.clone(), canonical.clone());
+            file.name = Some(canonical);
+        }
+    }
+    for file in &mut set.file {
+        for dependency in &mut file.dependency {
+            if let Some(canonical) = renamed.get(dependency) {
+                dependency.clone_from(canonical);
+            }
+        }
+    }
+    Ok(set)
 }
 
 /// A bound server, ready to [`run`](BoundServer::run).

@@ -23,15 +23,30 @@
 //!
 //! # Concurrency
 //!
-//! rusqlite is blocking, so every call runs in `tokio::task::spawn_blocking`. There is ONE
-//! writer connection behind a mutex: writes are serialised in the process (SQLite allows one
-//! writer anyway) and each batch is one `BEGIN IMMEDIATE` transaction, so a batch never fails
-//! half-way on a lock. A file-backed store also opens [`SQLITE_READ_CONNECTIONS`] read-only
-//! connections: in WAL mode reads run concurrently with the writer and see every committed
-//! write. An in-memory store has only the writer connection (an in-memory database is private
-//! to its connection), which also serves reads. Other processes may open the same file; the
-//! busy timeout ([`SQLITE_BUSY_TIMEOUT`]) then arbitrates, and a timeout becomes
-//! [`StoreError::Unavailable`].
+//! rusqlite is blocking. There is ONE writer connection, owned by a dedicated writer thread
+//! (`ccm-store-writer`): writes are serialised in the process (SQLite allows one writer anyway)
+//! and every transaction is `BEGIN IMMEDIATE`, so a batch never fails half-way on a lock. Reads
+//! run in `tokio::task::spawn_blocking` on [`SQLITE_READ_CONNECTIONS`] read-only connections
+//! (file-backed store): in WAL mode they run concurrently with the writer and see every
+//! committed write. An in-memory store has only the writer connection (an in-memory database is
+//! private to its connection), so its reads are jobs for the writer thread too. Other processes
+//! may open the same file; the busy timeout ([`SQLITE_BUSY_TIMEOUT`]) then arbitrates, and a
+//! timeout becomes [`StoreError::Unavailable`].
+//!
+//! # Group commit
+//!
+//! [`Store::apply`] hands its writes to the writer thread and awaits the answer. The thread
+//! takes the first waiting call and every call queued behind it (up to
+//! [`SQLITE_GROUP_COMMIT_MAX`]) and runs them in ONE transaction, each call inside its own
+//! `SAVEPOINT`: a call whose writes fail (conflict, claim taken, …) is rolled back to its
+//! savepoint and answered with its error, exactly as if it had run alone; the others commit
+//! together and are answered once the `COMMIT` succeeded. A backend failure (or a failed
+//! `COMMIT`) fails every call of the group, and none of them wrote anything. Calls in a group
+//! run in arrival order, and a later call sees the writes of an earlier one, as it would if they
+//! had committed one after the other. Under load this turns N commits (each rewriting the same
+//! B-tree pages into the WAL) into one, so the WAL grows by the pages the group touched instead
+//! of N times that; an idle store commits a lone call at once (the thread never waits to fill a
+//! group).
 //!
 //! # Durability
 //!
@@ -91,6 +106,8 @@ pub const SQLITE_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(1000);
 pub const SQLITE_WAL_BACKSTOP_PAGES: i64 = 16_384;
 /// Size the WAL file is truncated to after a checkpoint reset it.
 pub const SQLITE_WAL_SIZE_LIMIT_BYTES: i64 = 64 * 1024 * 1024;
+/// Most [`Store::apply`] calls the writer thread commits in one transaction (group commit).
+pub const SQLITE_GROUP_COMMIT_MAX: usize = 128;
 /// Page cache of the writer connection, in KiB.
 pub const SQLITE_WRITER_CACHE_KIB: i64 = 64 * 1024;
 /// Page cache of each read connection, in KiB.
@@ -205,8 +222,23 @@ pub struct SqliteStore {
     inner: Arc<Inner>,
 }
 
+/// Where the writer thread answers one [`Store::apply`] call.
+type ApplyReply = tokio::sync::oneshot::Sender<StoreResult<Vec<Applied>>>;
+
+/// Work for the writer thread.
+enum Job {
+    /// One [`Store::apply`] call (group-committed with the calls queued behind it).
+    Apply {
+        writes: Vec<Write>,
+        reply: ApplyReply,
+    },
+    /// Anything else that needs the writer connection, run alone (it replies by itself).
+    Run(Box<dyn FnOnce(&mut Connection) + Send>),
+}
+
 struct Inner {
-    writer: Mutex<Connection>,
+    /// The writer thread's queue; dropping it (with the store) ends the thread.
+    writer: mpsc::Sender<Job>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
     /// Dropping it stops the checkpointer thread.
@@ -244,6 +276,144 @@ fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
     // A panic while holding the lock dropped (= rolled back) any open transaction, so the
     // connection is usable.
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The error of a call whose writer job never answered (the writer thread is gone).
+fn writer_gone() -> StoreError {
+    StoreError::Backend("the sqlite writer thread stopped".to_owned())
+}
+
+/// Starts the writer thread that owns `conn` (see [Group commit](self#group-commit)).
+fn spawn_writer(mut conn: Connection, location: String) -> StoreResult<mpsc::Sender<Job>> {
+    let (tx, rx) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("ccm-store-writer".to_owned())
+        .spawn(move || {
+            let mut next: Option<Job> = None;
+            loop {
+                let job = match next.take() {
+                    Some(job) => job,
+                    None => match rx.recv() {
+                        Ok(job) => job,
+                        // Every sender is gone: the store was dropped.
+                        Err(_) => return,
+                    },
+                };
+                match job {
+                    Job::Run(run) => {
+                        // A panic drops the job's reply sender (its caller gets an error) and
+                        // rolls back any open transaction; the thread carries on.
+                        let run = std::panic::AssertUnwindSafe(|| run(&mut conn));
+                        if std::panic::catch_unwind(run).is_err() {
+                            tracing::error!(%location, "sqlite writer job panicked");
+                        }
+                    }
+                    Job::Apply { writes, reply } => {
+                        let mut group = vec![(writes, reply)];
+                        while group.len() < SQLITE_GROUP_COMMIT_MAX {
+                            match rx.try_recv() {
+                                Ok(Job::Apply { writes, reply }) => group.push((writes, reply)),
+                                Ok(other) => {
+                                    next = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        let commit =
+                            std::panic::AssertUnwindSafe(|| commit_group(&mut conn, group));
+                        if std::panic::catch_unwind(commit).is_err() {
+                            tracing::error!(%location, "sqlite group commit panicked");
+                        }
+                    }
+                }
+            }
+        })
+        .map_err(|e| StoreError::Backend(format!("cannot start the sqlite writer: {e}")))?;
+    Ok(tx)
+}
+
+/// Commits a group of `apply` calls in one transaction, each in its own savepoint, and answers
+/// each call (see [Group commit](self#group-commit)).
+fn commit_group(conn: &mut Connection, group: Vec<(Vec<Write>, ApplyReply)>) {
+    let now = truncate_to_millis(Utc::now());
+    if let [_] = group.as_slice() {
+        // A lone call: a plain transaction, no savepoint.
+        for (writes, reply) in group {
+            let result = (|| {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .db()?;
+                let applied = exec_writes(&tx, &writes, now)?;
+                tx.commit().db()?;
+                Ok(applied)
+            })();
+            // The caller may have gone away (cancelled); the writes stand.
+            let _ = reply.send(result);
+        }
+        return;
+    }
+    let calls = group.len();
+    let mut results: Vec<StoreResult<Vec<Applied>>> = Vec::with_capacity(calls);
+    let outcome = (|| {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .db()?;
+        for (writes, _) in &group {
+            results.push(exec_item(&tx, writes, now)?);
+        }
+        tx.commit().db()
+    })();
+    match outcome {
+        Ok(()) => {
+            for ((_, reply), result) in group.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
+        }
+        // Nothing of the group was written: every call fails with the transaction's error.
+        Err(e) => {
+            tracing::warn!(error = %e, calls, "sqlite group commit failed");
+            for (_, reply) in group {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// Runs one item's writes inside a savepoint of the open transaction: `Ok(Err(_))` is the
+/// item's own failure (rolled back to the savepoint, the transaction goes on); `Err(_)` is a
+/// failure of the whole transaction.
+fn exec_item(
+    tx: &Connection,
+    writes: &[Write],
+    now: DateTime<Utc>,
+) -> StoreResult<StoreResult<Vec<Applied>>> {
+    // Prepared once per connection: this runs a thousand times per placement batch.
+    tx.prepare_cached("SAVEPOINT ccm_item")
+        .db()?
+        .execute([])
+        .db()?;
+    match exec_writes(tx, writes, now) {
+        Ok(applied) => {
+            tx.prepare_cached("RELEASE ccm_item")
+                .db()?
+                .execute([])
+                .db()?;
+            Ok(Ok(applied))
+        }
+        Err(e) if is_item_failure(&e) => {
+            tx.prepare_cached("ROLLBACK TO ccm_item")
+                .db()?
+                .execute([])
+                .db()?;
+            tx.prepare_cached("RELEASE ccm_item")
+                .db()?
+                .execute([])
+                .db()?;
+            Ok(Err(e))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// What a connection is for.
@@ -375,12 +545,7 @@ impl SqliteStore {
         configure(&checkpointer, true, Role::Checkpointer)?;
         let stop = spawn_checkpointer(checkpointer, path.display().to_string())?;
         tracing::info!(path = %path.display(), schema_version = SCHEMA_VERSION, "sqlite store opened");
-        Ok(SqliteStore::from_parts(
-            writer,
-            readers,
-            Some(stop),
-            path.display().to_string(),
-        ))
+        SqliteStore::from_parts(writer, readers, Some(stop), path.display().to_string())
     }
 
     /// Opens `<dir>/`[`SQLITE_FILE_NAME`], creating the directory if needed.
@@ -405,12 +570,7 @@ impl SqliteStore {
         let mut writer = Connection::open_in_memory().db()?;
         configure(&writer, false, Role::Writer)?;
         migrate(&mut writer)?;
-        Ok(SqliteStore::from_parts(
-            writer,
-            Vec::new(),
-            None,
-            ":memory:".to_owned(),
-        ))
+        SqliteStore::from_parts(writer, Vec::new(), None, ":memory:".to_owned())
     }
 
     fn from_parts(
@@ -418,16 +578,17 @@ impl SqliteStore {
         readers: Vec<Mutex<Connection>>,
         checkpointer: Option<mpsc::Sender<()>>,
         location: String,
-    ) -> Self {
-        SqliteStore {
+    ) -> StoreResult<Self> {
+        let writer = spawn_writer(writer, location.clone())?;
+        Ok(SqliteStore {
             inner: Arc::new(Inner {
-                writer: Mutex::new(writer),
+                writer,
                 readers,
                 next_reader: AtomicUsize::new(0),
                 _checkpointer: checkpointer.map(Mutex::new),
                 location,
             }),
-        }
+        })
     }
 
     /// The schema version of the open database.
@@ -444,6 +605,10 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     {
+        if self.inner.readers.is_empty() {
+            // In memory: the writer connection is the only one.
+            return self.write(move |c| f(c)).await;
+        }
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || inner.with_reader(f))
             .await
@@ -455,22 +620,28 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = lock(&inner.writer);
-            f(&mut conn)
-        })
-        .await
-        .map_err(|e| StoreError::Backend(format!("sqlite write task failed: {e}")))?
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Job::Run(Box::new(move |conn: &mut Connection| {
+            let _ = reply.send(f(conn));
+        }));
+        self.inner.writer.send(job).map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+
+    /// Hands one `apply` call to the writer thread (group commit).
+    async fn apply_writes(&self, writes: Vec<Write>) -> StoreResult<Vec<Applied>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.inner
+            .writer
+            .send(Job::Apply { writes, reply })
+            .map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
     }
 }
 
 impl Inner {
     fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> StoreResult<T>) -> StoreResult<T> {
         let n = self.readers.len();
-        if n == 0 {
-            return f(&lock(&self.writer));
-        }
         let start = self.next_reader.fetch_add(1, Ordering::Relaxed) % n;
         for i in 0..n {
             if let Ok(conn) = self.readers[(start + i) % n].try_lock() {
@@ -1181,15 +1352,7 @@ impl Store for SqliteStore {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        self.write(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
-            let applied = exec_writes(&tx, &writes, truncate_to_millis(Utc::now()))?;
-            tx.commit().db()?;
-            Ok(applied)
-        })
-        .await
+        self.apply_writes(writes).await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(backend = "sqlite", items = items.len()))]
@@ -1212,34 +1375,9 @@ impl Store for SqliteStore {
                     results.push(Err(e));
                     continue;
                 }
-                // One savepoint per item (prepared once: this loop runs a thousand times per
-                // placement batch). Any error that is not the item's own aborts the whole
+                // One savepoint per item. Any error that is not the item's own aborts the whole
                 // transaction (dropping `tx` rolls it back).
-                tx.prepare_cached("SAVEPOINT ccm_item")
-                    .db()?
-                    .execute([])
-                    .db()?;
-                match exec_writes(&tx, item, now) {
-                    Ok(applied) => {
-                        tx.prepare_cached("RELEASE ccm_item")
-                            .db()?
-                            .execute([])
-                            .db()?;
-                        results.push(Ok(applied));
-                    }
-                    Err(e) if is_item_failure(&e) => {
-                        tx.prepare_cached("ROLLBACK TO ccm_item")
-                            .db()?
-                            .execute([])
-                            .db()?;
-                        tx.prepare_cached("RELEASE ccm_item")
-                            .db()?
-                            .execute([])
-                            .db()?;
-                        results.push(Err(e));
-                    }
-                    Err(e) => return Err(e),
-                }
+                results.push(exec_item(&tx, item, now)?);
             }
             tx.commit().db()?;
             Ok(results)

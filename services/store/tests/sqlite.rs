@@ -179,3 +179,110 @@ async fn in_memory_stores_are_independent() {
     assert!(b.get(Kind::Template, "t").await.expect("get").is_none());
     assert_eq!(a.backend(), "sqlite");
 }
+
+/// Many concurrent `apply` calls on a file store (the writer thread commits the calls queued
+/// behind each other in one transaction): every call is answered as if it had run alone. Of the
+/// calls that race for the same claim exactly one wins; a losing call leaves no trace (neither
+/// its document nor its audit entry), and the winners are all there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_applies_commit_together_and_fail_alone() {
+    use ccm_store::{Claim, LogEntry, LogKind, LogQuery};
+    const CALLS: usize = 240;
+    const KEYS: usize = 20;
+    let dir = TempDir::new("ccm-store-group");
+    let store = Arc::new(SqliteStore::open_in_dir(dir.path()).expect("open"));
+    let mut tasks = Vec::new();
+    for i in 0..CALLS {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("i-{i}");
+            let key = format!("k-{}", i % KEYS);
+            let doc = DocumentData::new(
+                Kind::Instance,
+                id.clone(),
+                Body::from_json_text(format!(r#"{{"n":{i}}}"#)).expect("body"),
+            );
+            let audit = LogEntry::new(
+                "instance",
+                id.clone(),
+                "user:test",
+                "instance.create",
+                Body::from_json_text("{}").expect("body"),
+            );
+            let r = store
+                .apply(vec![
+                    Write::Create {
+                        doc,
+                        claims: vec![Claim::new("slot", key.clone())],
+                    },
+                    Write::append(LogKind::Audit, audit),
+                ])
+                .await;
+            (id, key, r)
+        }));
+    }
+    let mut winners = std::collections::BTreeMap::<String, String>::new();
+    let mut losers = Vec::new();
+    for t in tasks {
+        let (id, key, r) = t.await.expect("task");
+        match r {
+            Ok(applied) => {
+                assert_eq!(applied.len(), 2, "{id}");
+                assert!(
+                    winners.insert(key.clone(), id.clone()).is_none(),
+                    "two calls won claim {key}"
+                );
+            }
+            Err(StoreError::ClaimTaken { key: taken, .. }) => {
+                assert_eq!(taken, key);
+                losers.push(id);
+            }
+            Err(e) => panic!("{id}: unexpected error {e:?}"),
+        }
+    }
+    assert_eq!(winners.len(), KEYS, "one winner per claim");
+    assert_eq!(losers.len(), CALLS - KEYS);
+    for (key, id) in &winners {
+        let holder = store
+            .claim_holder(&Claim::new("slot", key.clone()))
+            .await
+            .expect("holder")
+            .expect("held");
+        assert_eq!(&holder.id, id);
+        assert!(store.get(Kind::Instance, id).await.expect("get").is_some());
+    }
+    for id in &losers {
+        assert!(
+            store.get(Kind::Instance, id).await.expect("get").is_none(),
+            "{id} lost its claim but its document is stored"
+        );
+        let audit = store
+            .list_log(
+                LogKind::Audit,
+                LogQuery {
+                    resource_id: Some(id.clone()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("audit");
+        assert!(
+            audit.entries.is_empty(),
+            "{id} lost but its audit entry is stored"
+        );
+    }
+    let mut stored = 0;
+    let mut token = None;
+    loop {
+        let page = store
+            .list(Query::new(Kind::Instance).after(token))
+            .await
+            .expect("list");
+        stored += page.items.len();
+        match page.next_page_token {
+            Some(t) => token = Some(t),
+            None => break,
+        }
+    }
+    assert_eq!(stored, KEYS);
+}

@@ -4,21 +4,28 @@ use ccm_control_plane::{ControlPlaneArgs, ControlPlaneConfig};
 
 use crate::error::CliError;
 
-/// Runs the control plane with the layered configuration.
+/// Runs the control plane with the layered configuration: logs and traces as `telemetry.*`
+/// says (OTLP export set up inside the runtime, flushed after the server stopped), `/metrics`
+/// on `metrics_addr`.
 pub fn control_plane(args: &ControlPlaneArgs) -> Result<(), CliError> {
     let config = ControlPlaneConfig::load(args)?;
-    crate::logging::init(&config.telemetry.log_format);
-    for warning in config.warnings() {
-        tracing::warn!("{warning}");
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(CliError::Runtime)?;
-    runtime.block_on(async {
+    let telemetry = runtime
+        .block_on(async { crate::logging::init_telemetry(&(&config).into()) })
+        .map_err(|e| CliError::Service(e.into()))?;
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    let result = runtime.block_on(async {
         ccm_control_plane::run::run(&config, shutdown_signal()).await?;
         Ok(())
-    })
+    });
+    // Outside the runtime, before it is dropped: the last spans are exported on its connections.
+    drop(telemetry);
+    result
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

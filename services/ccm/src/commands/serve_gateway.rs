@@ -1,11 +1,63 @@
-//! `ccm serve gateway`.
+//! `ccm serve gateway`: the HTTP/JSON gateway in the foreground until SIGINT or SIGTERM.
+
+use ccm_control_plane::config::LogFormat;
+use ccm_gateway::{Gateway, GatewayArgs, GatewaySettings};
 
 use crate::error::CliError;
 
 /// Runs the gateway until interrupted.
-pub fn run(_args: &ccm_gateway::GatewayArgs) -> Result<(), CliError> {
-    Err(CliError::NotAvailableYet {
-        command: "serve gateway".into(),
-        what: "the gateway process is being built",
+pub fn run(args: &GatewayArgs) -> Result<(), CliError> {
+    crate::logging::init(&LogFormat::Text);
+    let settings = GatewaySettings::from_args(args).map_err(gateway_error)?;
+    if settings.insecure_no_auth {
+        tracing::warn!(
+            addr = %settings.listen_addr,
+            "AUTHENTICATION IS DISABLED (--insecure-no-auth): no login, API calls go to the \
+             services without a token"
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)?;
+    runtime.block_on(async {
+        let bound = Gateway::bind(settings).await.map_err(gateway_error)?;
+        tracing::info!(
+            "gateway listening on http://{} (API docs: /api/docs)",
+            bound.local_addr()
+        );
+        bound.run(shutdown_signal()).await.map_err(gateway_error)
     })
+}
+
+/// Maps a gateway error to the CLI's: configuration mistakes are usage errors.
+fn gateway_error(e: ccm_gateway::GatewayError) -> CliError {
+    if e.is_config() {
+        CliError::Usage(e.to_string())
+    } else {
+        CliError::Failed(e.to_string())
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested");
 }

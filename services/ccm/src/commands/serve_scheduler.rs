@@ -1,11 +1,55 @@
-//! `ccm serve scheduler`.
+//! `ccm serve scheduler`: one scheduler replica in the foreground until SIGINT or SIGTERM.
+//!
+//! It campaigns in the `scheduler` election on etcd (the control plane's etcd and key prefix)
+//! and places instances while it leads; it serves SchedulerService, health and reflection on
+//! `--listen-addr` either way. On a signal it reports NOT_SERVING, resigns the leadership (a
+//! standby takes over at once) and drains its API calls.
+
+use ccm_control_plane::config::LogFormat;
+use ccm_scheduler::SchedulerArgs;
 
 use crate::error::CliError;
 
 /// Runs the scheduler until interrupted.
-pub fn run(_args: &ccm_scheduler::SchedulerArgs) -> Result<(), CliError> {
-    Err(CliError::NotAvailableYet {
-        command: "serve scheduler".into(),
-        what: "the scheduler process is being built",
-    })
+pub fn run(args: &SchedulerArgs) -> Result<(), CliError> {
+    crate::logging::init(&LogFormat::Text);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)?;
+    runtime
+        .block_on(ccm_scheduler::run::run(args, shutdown_signal()))
+        .map_err(scheduler_error)
+}
+
+/// Maps a scheduler error to the CLI's: configuration mistakes are usage errors.
+fn scheduler_error(e: ccm_scheduler::SchedulerError) -> CliError {
+    if e.is_config() {
+        CliError::Usage(e.to_string())
+    } else {
+        CliError::Failed(e.to_string())
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested");
 }

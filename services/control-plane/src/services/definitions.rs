@@ -31,14 +31,14 @@
 //! |---|---|---|
 //! | `yaml.empty`, `yaml.too_large`, `yaml.encoding`, `yaml.parse` | ERROR | not a CML lab YAML of at most 4 MiB (and small enough to cache in the definition document: [`MAX_CACHED_LAB_YAML_JSON_BYTES`] once JSON-escaped) |
 //! | `port.placeholder_unknown` | ERROR | a `${…}` in a node tag or smart annotation names no port of the template (path = its YAML location) |
-//! | `port.unused` | ERROR | a port of the template is never referenced (its instances would hold a port nothing uses) |
+//! | `port.unused` | WARNING | a port of the template is never referenced (its instances will hold a port nothing uses; accepted, as definition.proto says) |
 //! | `port.name_invalid` | ERROR | a port name is not lower snake case or is duplicated (ValidateDefinition only; Create refuses it as a field violation) |
 //! | `nodes.count_mismatch` | ERROR / WARNING | `node_count` below the topology's node count (capacity would be under-reserved) / above it (over-reserved) |
 //! | `license.personal_node_limit` | ERROR / WARNING | more than 20 nodes with PERSONAL as the only licence / with PERSONAL among others (PERSONAL workers will never take it; domain.md §11.16) |
 //!
 //! Errors fail Create and Sync with `INVALID_ARGUMENT`: a YAML problem on `definition.lab_yaml`
-//! (Sync: `lab_yaml`) with its location in the description, an unreferenced port on
-//! `definition.port_template.ports[i].name`, a node count problem on `definition.node_count`.
+//! (Sync: `lab_yaml`) with its location in the description, a node count problem on
+//! `definition.node_count`.
 //! Warnings are returned in the response's `findings`.
 //!
 //! An artifact that cannot be fetched maps as [`crate::error`] documents: an unusable URI is
@@ -589,7 +589,7 @@ fn json_escaped_len(text: &str) -> Option<usize> {
 }
 
 fn port_finding(problem: CoreError, ports: &[&str]) -> Finding {
-    use pb::FindingSeverity::Error;
+    use pb::FindingSeverity::{Error, Warning};
     match problem {
         CoreError::UnknownPlaceholder {
             placeholder,
@@ -610,8 +610,9 @@ fn port_finding(problem: CoreError, ports: &[&str]) -> Finding {
                 .position(|p| *p == port_name)
                 .map(|i| join_path(&index_path("port_template.ports", i), "name"))
                 .unwrap_or_else(|| "port_template.ports".to_owned());
+            // Suspicious but accepted (definition.proto's example of a WARNING).
             Finding::new(
-                Error,
+                Warning,
                 CODE_PORT_UNUSED,
                 path.clone(),
                 path,
@@ -741,6 +742,7 @@ impl Definitions {
         let now = self.app.now();
         let lineage = uuid::Uuid::new_v4().to_string();
         let hash = content_hash(&artifact.bytes);
+        let origin = scope.origin(METHOD_CREATE, rid.as_deref());
         let mut doc = pb::LabletDefinition {
             id: lineage.clone(),
             version: version.clone(),
@@ -749,10 +751,9 @@ impl Definitions {
             status: pb::DefinitionStatus::Active as i32,
             created_at: Some(timestamp_to_proto(now)),
             updated_at: Some(timestamp_to_proto(now)),
-            created_by: scope.caller.subject.clone(),
+            created_by: origin.actor.clone(),
             ..input
         };
-        let origin = scope.origin(METHOD_CREATE, rid.as_deref());
         let mut claims = vec![
             Claim::new(CLAIM_NAME_VERSION, name_version.clone()),
             Claim::new(CLAIM_NAME, name.clone()),
@@ -1138,6 +1139,7 @@ impl Definitions {
 
         let now = self.app.now();
         let new_version = new_version.to_string();
+        let origin = scope.origin(METHOD_SYNC, rid.as_deref());
         let mut doc = pb::LabletDefinition {
             version: new_version.clone(),
             lab_artifact_uri: uri,
@@ -1147,11 +1149,10 @@ impl Definitions {
             status_reason: String::new(),
             created_at: Some(timestamp_to_proto(now)),
             updated_at: Some(timestamp_to_proto(now)),
-            created_by: scope.caller.subject.clone(),
+            created_by: origin.actor.clone(),
             resource_version: 0,
             ..latest.clone()
         };
-        let origin = scope.origin(METHOD_SYNC, rid.as_deref());
         let mut m = Mutation::at(now);
         m.guard(&latest);
         let name_version = format!("{}@{new_version}", doc.name);

@@ -15,6 +15,10 @@
 //!   while listing is delivered (possibly after a listing that already shows it: changes are
 //!   level-triggered, never lost).
 //! * `since_revision > 0`: changes after it, nothing else.
+//! * A worker (ADDED in the initial state, or ADDED / MODIFIED from the feed) carries the
+//!   derived fields GetWorker computes — `allocated_capacity`, `available_capacity`,
+//!   `port_allocations`, `available_ports`, `instance_ids` — computed from the instances it holds
+//!   when the change is sent (`with_derived_fields`); a DELETED worker is sent as it was stored.
 //! * When nothing was sent for `heartbeat_interval` (default [`DEFAULT_HEARTBEAT`], clamped to
 //!   [`MIN_HEARTBEAT`]..=[`MAX_HEARTBEAT`]) a bookmark carries the last revision seen.
 //! * When the feed lost events (compaction, a slow consumer, a broken entry) the stream sends a
@@ -279,6 +283,17 @@ fn shutdown_status() -> Status {
     .into_status()
 }
 
+/// Fills the fields a resource's Get computes rather than stores: a worker gets the
+/// `allocated_capacity`, `available_capacity`, `port_allocations`, `available_ports` and
+/// `instance_ids` GetWorker answers (computed now, from the instances it holds). Other kinds
+/// are sent as stored.
+async fn with_derived_fields(app: &App, change: &mut pb::ChangeEvent) -> Result<(), ApiError> {
+    if let Some(pb::change_event::Resource::Worker(worker)) = change.resource.as_mut() {
+        *worker = super::workers::enriched_worker(app, std::mem::take(worker)).await?;
+    }
+    Ok(())
+}
+
 /// Sends every resource of kind `E` that matches `filter` as ADDED at `revision`; `false` when
 /// the stream should stop.
 async fn send_kind<E: Entity>(
@@ -292,9 +307,9 @@ async fn send_kind<E: Entity>(
         return Ok(true);
     }
     let rev = i64::try_from(revision).unwrap_or(i64::MAX);
-    let emit = |doc: &ccm_store::Document| -> Result<Option<pb::ChangeEvent>, ApiError> {
+    let emit = async |doc: &ccm_store::Document| -> Result<Option<pb::ChangeEvent>, ApiError> {
         let entity: E = decode(doc)?;
-        let change = pb::ChangeEvent {
+        let mut change = pb::ChangeEvent {
             revision: rev,
             kind: E::RESOURCE as i32,
             r#type: pb::ChangeType::Added as i32,
@@ -303,13 +318,17 @@ async fn send_kind<E: Entity>(
             at: Some(timestamp_to_proto(doc.updated_at)),
             resource: Some(entity.into_resource()),
         };
-        Ok(filter.matches(&change).then_some(change))
+        if !filter.matches(&change) {
+            return Ok(None);
+        }
+        with_derived_fields(app, &mut change).await?;
+        Ok(Some(change))
     };
     if !filter.ids.is_empty() {
         let ids: Vec<String> = filter.ids.iter().cloned().collect();
         for chunk in ids.chunks(ccm_store::MAX_GET_MANY) {
             for doc in app.store.get_many(E::KIND, chunk).await? {
-                if let Some(change) = emit(&doc)?
+                if let Some(change) = emit(&doc).await?
                     && !send(tx, change_item(change), shutdown).await
                 {
                     return Ok(false);
@@ -328,7 +347,7 @@ async fn send_kind<E: Entity>(
         }
         let page = app.store.list(query).await?;
         for doc in &page.items {
-            if let Some(change) = emit(doc)?
+            if let Some(change) = emit(doc).await?
                 && !send(tx, change_item(change), shutdown).await
             {
                 return Ok(false);
@@ -410,8 +429,14 @@ async fn run_watch(
                         match FeedBatch::decode(&payload, revision) {
                             Ok(batch) => {
                                 let mut sent = false;
-                                for change in batch.0 {
+                                for mut change in batch.0 {
                                     if filter.matches(&change) {
+                                        if change.r#type != pb::ChangeType::Deleted as i32
+                                            && let Err(e) = with_derived_fields(&app, &mut change).await
+                                        {
+                                            let _ = send(&tx, Err(e.into_status()), &shutdown).await;
+                                            return;
+                                        }
                                         if !send(&tx, change_item(change), &shutdown).await {
                                             return;
                                         }

@@ -35,7 +35,8 @@
 //!   second event.
 //! * Stored PENDING with the creation entry in `state_history` (`from` UNSPECIFIED, reason
 //!   [`REASON_CREATED`], actor = the caller's origin), `definition_name` denormalised,
-//!   `created_at` / `updated_at` from the app clock, `created_by` = the caller's subject. Emits
+//!   `created_at` / `updated_at` from the app clock, `created_by` = the caller's actor
+//!   (`user:<sub>` or `service:<sub>`, as in the audit record). Emits
 //!   `ccm.lablet.instance.pending`; audit action `instance.create`.
 //!
 //! # User actions
@@ -503,9 +504,10 @@ impl Instances {
         let definition = match version {
             Some(version) => {
                 let doc_id = repo::definition_doc_id(lineage, &version.to_string());
-                let Some(definition) = self.app.find::<pb::LabletDefinition>(&doc_id).await? else {
+                let Some(doc) = self.app.store.get(Kind::Definition, &doc_id).await? else {
                     return Err(ApiError::not_found("definition", doc_id));
                 };
+                let definition = repo::decode_definition(&doc)?;
                 match pb::DefinitionStatus::try_from(definition.status) {
                     Ok(pb::DefinitionStatus::Active) => {}
                     Ok(pb::DefinitionStatus::Deprecated) if has_role(scope, pb::Role::Admin) => {}
@@ -544,7 +546,7 @@ impl Instances {
                     )
                     .await?;
                 match page.items.first() {
-                    Some(doc) => repo::decode::<pb::LabletDefinition>(doc)?,
+                    Some(doc) => repo::decode_definition(doc)?,
                     None => {
                         let versions = self
                             .app
@@ -720,7 +722,7 @@ impl Instances {
             assessment_part_id: req.assessment_part_id.clone(),
             created_at: Some(convert::timestamp_to_proto(now)),
             updated_at: Some(convert::timestamp_to_proto(now)),
-            created_by: subject.clone(),
+            created_by: origin.actor.clone(),
             ..Default::default()
         };
         let mut m = Mutation::at(now);

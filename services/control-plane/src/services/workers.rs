@@ -410,62 +410,82 @@ fn port_total(worker: &pb::CmlWorker) -> i32 {
 }
 
 impl Workers {
-    /// The instances holding resources, by worker (only `worker_id`'s when given), each with its
-    /// demand and booking window.
+    /// [`held_by_worker`] on this service's app.
     async fn held(&self, worker_id: Option<&str>) -> Result<HashMap<String, Vec<Held>>, ApiError> {
-        let mut query = Query::new(Kind::Instance)
-            .ordered_by(Order::SortKeyAsc)
-            .with_filter(Filter::any_of(IndexField::State, holding_state_names()));
-        if let Some(w) = worker_id {
-            query = query.with_filter(Filter::eq(IndexField::WorkerId, w));
-        }
-        let docs = load_all(&self.app, query).await?;
-        let mut instances = Vec::with_capacity(docs.len());
-        for doc in &docs {
-            instances.push(repo::decode::<pb::LabletInstance>(doc)?);
-        }
-        let ids: BTreeSet<String> = instances
-            .iter()
-            .map(|i| repo::definition_doc_id(&i.definition_id, &i.definition_version))
-            .collect();
-        let ids: Vec<String> = ids.into_iter().collect();
-        let mut demands = HashMap::new();
-        for chunk in ids.chunks(ccm_store::MAX_GET_MANY) {
-            for doc in self.app.store.get_many(Kind::Definition, chunk).await? {
-                let def: pb::LabletDefinition = repo::decode(&doc)?;
-                demands.insert(doc.id.clone(), demand_of(&def));
-            }
-        }
-        let lead = self.app.settings.instantiation_lead;
-        let mut out: HashMap<String, Vec<Held>> = HashMap::new();
-        for instance in instances {
-            if instance.worker_id.is_empty() {
-                continue;
-            }
-            let Ok(state) = convert::instance_state_from_proto(instance.state, "state") else {
-                continue;
-            };
-            let key =
-                repo::definition_doc_id(&instance.definition_id, &instance.definition_version);
-            let demand = demands.get(&key).copied().unwrap_or_else(|| {
-                tracing::warn!(instance_id = %instance.id, definition = %key,
-                    "definition of a placed instance is missing; counting no capacity");
-                Capacity::ZERO
-            });
-            let window = convert::time_slot_from_proto(instance.time_slot.as_ref(), "time_slot")
-                .ok()
-                .map(|s| s.booking_window(lead));
-            out.entry(instance.worker_id.clone())
-                .or_default()
-                .push(Held {
-                    instance,
-                    state,
-                    window,
-                    demand,
-                });
-        }
-        Ok(out)
+        held_by_worker(&self.app, worker_id).await
     }
+}
+
+/// `worker` with its derived fields (`allocated_capacity`, `available_capacity`,
+/// `port_allocations`, `available_ports`, `instance_ids`) computed from the instances it holds
+/// now, as GetWorker answers it. Used by WatchEvents too, so the feed shows the same worker.
+pub(crate) async fn enriched_worker(
+    app: &App,
+    mut worker: pb::CmlWorker,
+) -> Result<pb::CmlWorker, ApiError> {
+    let held = held_by_worker(app, Some(&worker.id)).await?;
+    let mine = held.get(&worker.id).map(Vec::as_slice).unwrap_or_default();
+    enrich(&mut worker, mine, app.now());
+    Ok(worker)
+}
+
+/// The instances holding resources, by worker (only `worker_id`'s when given), each with its
+/// demand and booking window.
+async fn held_by_worker(
+    app: &App,
+    worker_id: Option<&str>,
+) -> Result<HashMap<String, Vec<Held>>, ApiError> {
+    let mut query = Query::new(Kind::Instance)
+        .ordered_by(Order::SortKeyAsc)
+        .with_filter(Filter::any_of(IndexField::State, holding_state_names()));
+    if let Some(w) = worker_id {
+        query = query.with_filter(Filter::eq(IndexField::WorkerId, w));
+    }
+    let docs = load_all(app, query).await?;
+    let mut instances = Vec::with_capacity(docs.len());
+    for doc in &docs {
+        instances.push(repo::decode::<pb::LabletInstance>(doc)?);
+    }
+    let ids: BTreeSet<String> = instances
+        .iter()
+        .map(|i| repo::definition_doc_id(&i.definition_id, &i.definition_version))
+        .collect();
+    let ids: Vec<String> = ids.into_iter().collect();
+    let mut demands = HashMap::new();
+    for chunk in ids.chunks(ccm_store::MAX_GET_MANY) {
+        for doc in app.store.get_many(Kind::Definition, chunk).await? {
+            let def = repo::decode_definition(&doc)?;
+            demands.insert(doc.id.clone(), demand_of(&def));
+        }
+    }
+    let lead = app.settings.instantiation_lead;
+    let mut out: HashMap<String, Vec<Held>> = HashMap::new();
+    for instance in instances {
+        if instance.worker_id.is_empty() {
+            continue;
+        }
+        let Ok(state) = convert::instance_state_from_proto(instance.state, "state") else {
+            continue;
+        };
+        let key = repo::definition_doc_id(&instance.definition_id, &instance.definition_version);
+        let demand = demands.get(&key).copied().unwrap_or_else(|| {
+            tracing::warn!(instance_id = %instance.id, definition = %key,
+                    "definition of a placed instance is missing; counting no capacity");
+            Capacity::ZERO
+        });
+        let window = convert::time_slot_from_proto(instance.time_slot.as_ref(), "time_slot")
+            .ok()
+            .map(|s| s.booking_window(lead));
+        out.entry(instance.worker_id.clone())
+            .or_default()
+            .push(Held {
+                instance,
+                state,
+                window,
+                demand,
+            });
+    }
+    Ok(out)
 }
 
 /// Fills a worker's derived fields from the instances it holds.
@@ -587,11 +607,8 @@ impl Workers {
         scope.origin(&format!("{SERVICE_PATH}{rpc}"), request_id)
     }
 
-    async fn enriched(&self, mut worker: pb::CmlWorker) -> Result<pb::CmlWorker, ApiError> {
-        let held = self.held(Some(&worker.id)).await?;
-        let mine = held.get(&worker.id).map(Vec::as_slice).unwrap_or_default();
-        enrich(&mut worker, mine, self.app.now());
-        Ok(worker)
+    async fn enriched(&self, worker: pb::CmlWorker) -> Result<pb::CmlWorker, ApiError> {
+        enriched_worker(&self.app, worker).await
     }
 
     #[tracing::instrument(name = "WorkerService.ListWorkers", skip_all, fields(returned))]

@@ -4,9 +4,13 @@
 //!    characters) or a fresh UUID; put back on the request (header and [`RequestId`] extension),
 //!    held in a task-local for error mapping (see [`current_request_id`]), and echoed on the response (initial
 //!    metadata, or the trailers of a trailers-only error);
-//! 2. **tracing** — one `rpc` span per call with `rpc.method`, `request_id`, and, when the call
-//!    ends, `grpc.code` and `latency_ms` (also logged as an `rpc finished` event). For streams the
-//!    call ends with the trailers, so the latency covers the whole stream;
+//! 2. **tracing and metrics** — one `rpc` span per call with `rpc.method`, `request_id`,
+//!    `trace_id`, and, when the call ends, `grpc.code` and `latency_ms` (also logged as an
+//!    `rpc finished` event). For streams the call ends with the trailers, so the latency covers
+//!    the whole stream. The span is a child of the caller's span when the call carries a W3C
+//!    `traceparent` (see [`crate::telemetry`]); its trace id is held in a task-local
+//!    ([`current_trace_id`]) for audit records. The call is counted in the gRPC server metrics
+//!    (requests by service/method/code, latency, in flight; see [`crate::metrics`]);
 //! 3. **deadline** — the shorter of the client's `grpc-timeout` and the server's request timeout
 //!    bounds the time until the response starts (queueing included); when it passes the handler
 //!    is dropped and the client gets `DEADLINE_EXCEEDED`. A server stream, once open, is not cut;
@@ -34,7 +38,8 @@ use tower::util::BoxCloneService;
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
-use crate::error::BoxError;
+use crate::error::{BoxError, RuntimeError};
+use crate::metrics::{Counter, DEFAULT_LATENCY_BUCKETS, Gauge, Histogram, Metrics};
 
 /// The HTTP request type of gRPC calls.
 pub type GrpcRequest = http::Request<tonic::body::Body>;
@@ -55,12 +60,20 @@ pub const REFLECTION_PATH_PREFIX: &str = "/grpc.reflection.";
 
 tokio::task_local! {
     static REQUEST_ID: String;
+    static TRACE_ID: String;
 }
 
 /// The request id of the call being served, if the caller runs inside one (unary handlers and
 /// the polling of a streaming response body do).
 pub fn current_request_id() -> Option<String> {
     REQUEST_ID.try_with(Clone::clone).ok()
+}
+
+/// The W3C trace id (32 lowercase hex digits) of the call being served, if the caller runs
+/// inside one: the caller's (from its `traceparent`) or, for a call without one, the id of the
+/// trace the call started. Set in the same places as [`current_request_id`].
+pub fn current_trace_id() -> Option<String> {
+    TRACE_ID.try_with(Clone::clone).ok()
 }
 
 /// The request id of a call, as a request extension (`request.extensions().get::<RequestId>()`).
@@ -119,6 +132,115 @@ pub(crate) struct MiddlewareSettings {
     pub(crate) request_timeout: Duration,
     pub(crate) concurrency: Arc<Semaphore>,
     pub(crate) in_flight: Arc<AtomicUsize>,
+    pub(crate) metrics: GrpcMetrics,
+}
+
+/// Name of the gRPC server request counter (labels `service`, `method`, `code`).
+pub const METRIC_REQUESTS: &str = "ccm_grpc_server_requests_total";
+/// Name of the gRPC server latency histogram, seconds (labels `service`, `method`).
+pub const METRIC_DURATION: &str = "ccm_grpc_server_request_duration_seconds";
+/// Name of the gauge of gRPC calls in flight (labels `service`, `method`).
+pub const METRIC_IN_FLIGHT: &str = "ccm_grpc_server_in_flight_requests";
+/// The `service` / `method` label value of calls to paths the server does not know (kept out
+/// of the labels so a client cannot create series at will).
+pub const UNKNOWN_LABEL: &str = "unknown";
+
+/// The gRPC server metrics, recorded by the middleware.
+#[derive(Debug, Clone)]
+pub(crate) struct GrpcMetrics {
+    requests: Counter,
+    duration: Histogram,
+    in_flight: Gauge,
+    known_methods: Arc<std::collections::HashSet<String>>,
+    known_services: Arc<std::collections::HashSet<String>>,
+}
+
+impl GrpcMetrics {
+    /// Registers the metrics in `metrics`; `methods` are the full paths
+    /// (`/pkg.Service/Method`) and `services` the names labelled as they are.
+    pub(crate) fn register(
+        metrics: &Metrics,
+        services: impl IntoIterator<Item = String>,
+        methods: impl IntoIterator<Item = String>,
+    ) -> Result<Self, RuntimeError> {
+        Ok(GrpcMetrics {
+            requests: metrics.counter(
+                METRIC_REQUESTS,
+                "gRPC calls finished, by service, method and status code.",
+                &["service", "method", "code"],
+            )?,
+            duration: metrics.histogram(
+                METRIC_DURATION,
+                "Time from the start of a gRPC call to its status (streams: to the trailers).",
+                &["service", "method"],
+                DEFAULT_LATENCY_BUCKETS,
+            )?,
+            in_flight: metrics.gauge(
+                METRIC_IN_FLIGHT,
+                "gRPC calls started and not finished.",
+                &["service", "method"],
+            )?,
+            known_methods: Arc::new(methods.into_iter().collect()),
+            known_services: Arc::new(services.into_iter().collect()),
+        })
+    }
+
+    /// The `service` and `method` labels of a path.
+    fn labels(&self, path: &str) -> (String, String) {
+        let trimmed = path.strip_prefix('/').unwrap_or(path);
+        let (service, method) = trimmed.split_once('/').unwrap_or((trimmed, ""));
+        if self.known_methods.contains(path) {
+            (service.to_owned(), method.to_owned())
+        } else if self.known_services.contains(service) {
+            (service.to_owned(), UNKNOWN_LABEL.to_owned())
+        } else {
+            (UNKNOWN_LABEL.to_owned(), UNKNOWN_LABEL.to_owned())
+        }
+    }
+}
+
+/// The metric series of one call; the in-flight gauge is decremented when it is dropped.
+struct CallMetrics {
+    metrics: GrpcMetrics,
+    service: String,
+    method: String,
+    finished: bool,
+}
+
+impl CallMetrics {
+    fn start(metrics: &GrpcMetrics, path: &str) -> Self {
+        let (service, method) = metrics.labels(path);
+        metrics.in_flight.inc(&[&service, &method]);
+        CallMetrics {
+            metrics: metrics.clone(),
+            service,
+            method,
+            finished: false,
+        }
+    }
+
+    fn finish(&mut self, code: &str, elapsed: Duration) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let labels = [self.service.as_str(), self.method.as_str()];
+        self.metrics.in_flight.dec(&labels);
+        self.metrics
+            .requests
+            .inc(&[&self.service, &self.method, code]);
+        self.metrics.duration.observe_duration(&labels, elapsed);
+    }
+}
+
+impl Drop for CallMetrics {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.metrics
+                .in_flight
+                .dec(&[self.service.as_str(), self.method.as_str()]);
+        }
+    }
 }
 
 /// The middleware service (see the module docs).
@@ -196,23 +318,36 @@ impl Service<GrpcRequest> for RpcService {
         };
         let semaphore = (!public).then(|| self.settings.concurrency.clone());
         let in_flight = InFlight::enter(&self.settings.in_flight);
+        let call_metrics = CallMetrics::start(&self.settings.metrics, &method);
 
         let span = tracing::info_span!(
             "rpc",
+            otel.name = %method.strip_prefix('/').unwrap_or(&method),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
             rpc.method = %method,
             request_id = %id,
+            trace_id = tracing::field::Empty,
             grpc.code = tracing::field::Empty,
             latency_ms = tracing::field::Empty,
         );
+        let parent = crate::telemetry::extract_context(req.headers());
+        let trace_id = crate::telemetry::adopt_parent(&span, &parent);
+        span.record("trace_id", trace_id.as_str());
         let record = CallRecord {
             span: span.clone(),
             started,
             public,
             in_flight: Some(in_flight),
+            metrics: call_metrics,
             done: false,
         };
 
-        let task_id = id.clone();
+        let task_ids = TaskIds {
+            request_id: id.clone(),
+            trace_id: trace_id.clone(),
+        };
         let fut = async move {
             let work = async move {
                 let _permit = match semaphore {
@@ -232,10 +367,17 @@ impl Service<GrpcRequest> for RpcService {
             if let Some(value) = id_header {
                 response.headers_mut().insert(REQUEST_ID_HEADER, value);
             }
-            Ok(observe(response, record, task_id))
+            Ok(observe(response, record, task_ids))
         };
-        Box::pin(REQUEST_ID.scope(id, fut.instrument(span)))
+        Box::pin(REQUEST_ID.scope(id, TRACE_ID.scope(trace_id, fut.instrument(span))))
     }
+}
+
+/// The ids held in task-locals while a call's handler or response body runs.
+#[derive(Clone)]
+struct TaskIds {
+    request_id: String,
+    trace_id: String,
 }
 
 /// Counts a call as in flight until dropped.
@@ -260,6 +402,7 @@ struct CallRecord {
     started: Instant,
     public: bool,
     in_flight: Option<InFlight>,
+    metrics: CallMetrics,
     done: bool,
 }
 
@@ -270,8 +413,10 @@ impl CallRecord {
         }
         self.done = true;
         self.in_flight.take();
-        let latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = self.started.elapsed();
+        let latency_ms = elapsed.as_secs_f64() * 1000.0;
         let code_name = code.map_or("NONE", code_name);
+        self.metrics.finish(code_name, elapsed);
         self.span.record("grpc.code", code_name);
         self.span.record("latency_ms", latency_ms);
         let _entered = self.span.enter();
@@ -285,6 +430,9 @@ impl CallRecord {
                     | tonic::Code::DeadlineExceeded
             )
         );
+        if server_side {
+            self.span.record("otel.status_code", "ERROR");
+        }
         if self.public {
             tracing::debug!(grpc.code = code_name, latency_ms, note, "rpc finished");
         } else if server_side {
@@ -333,7 +481,7 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 
 /// Logs the call's end: at once for a trailers-only response (the status is in the headers),
 /// otherwise when the body's trailers pass (or the body ends or is dropped).
-fn observe(response: GrpcResponse, mut record: CallRecord, request_id: String) -> GrpcResponse {
+fn observe(response: GrpcResponse, mut record: CallRecord, ids: TaskIds) -> GrpcResponse {
     if let Some(code) = grpc_code_of(response.headers()) {
         record.finish(Some(code), "trailers-only response");
         return response;
@@ -346,18 +494,18 @@ fn observe(response: GrpcResponse, mut record: CallRecord, request_id: String) -
     let observed = ObservedBody {
         inner: body,
         record,
-        request_id,
+        ids,
     };
     http::Response::from_parts(parts, tonic::body::Body::new(observed))
 }
 
 /// A response body that reports the call's status when its trailers pass, and polls the inner
-/// body inside the call's span and request-id scope (so streaming handlers log and map errors
-/// with the request id).
+/// body inside the call's span and request-id / trace-id scope (so streaming handlers log and
+/// map errors with the request id).
 struct ObservedBody {
     inner: tonic::body::Body,
     record: CallRecord,
-    request_id: String,
+    ids: TaskIds,
 }
 
 impl http_body::Body for ObservedBody {
@@ -372,8 +520,10 @@ impl http_body::Body for ObservedBody {
         let span = this.record.span.clone();
         let _entered = span.enter();
         let inner = &mut this.inner;
-        let polled =
-            REQUEST_ID.sync_scope(this.request_id.clone(), || Pin::new(inner).poll_frame(cx));
+        let ids = this.ids.clone();
+        let polled = REQUEST_ID.sync_scope(ids.request_id, || {
+            TRACE_ID.sync_scope(ids.trace_id, || Pin::new(inner).poll_frame(cx))
+        });
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
