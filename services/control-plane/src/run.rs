@@ -310,21 +310,22 @@ pub async fn bind(
     let background = CancellationToken::new();
     // Stops the background tasks if binding fails below.
     let stop_background = background.clone().drop_guard();
-    let metrics_task = match config.metrics_addr {
-        Some(addr) => {
-            let listener = MetricsServer::bind(addr, metrics.clone()).await.map_err(|e| {
+    let metrics_task =
+        match config.metrics_addr {
+            Some(addr) => {
+                let listener = MetricsServer::bind(addr, metrics.clone()).await.map_err(|e| {
                 ControlPlaneError::Setup(format!(
                     "metrics_addr {addr}: {e} (choose another address, or \"none\" to serve no \
                      metrics)"
                 ))
             })?;
-            let stop = background.clone();
-            Some(tokio::spawn(
-                listener.run(async move { stop.cancelled().await }),
-            ))
-        }
-        None => None,
-    };
+                let stop = background.clone();
+                Some(tokio::spawn(
+                    listener.run(async move { stop.cancelled().await }),
+                ))
+            }
+            None => None,
+        };
     let retention = Retention::new(app.store.clone(), &config.audit, &metrics)?;
     let retention_task =
         tokio::spawn(retention.run(config.audit.purge_interval, background.clone()));

@@ -7,10 +7,10 @@
 //! [`ccm_coord::run_for_leadership`]. While leading it runs passes ([`Controller::pass`]) until
 //! leadership is lost or shutdown is asked for. A pass is level-triggered: it re-reads the whole
 //! fleet from the control plane (workers, live instances, templates, the definition versions
-//! they use, pending worker operations), compares desired and actual state, acts, and returns
-//! when it wants to look again (the earliest requeue of any object). The next pass starts at
-//! that time, at the latest after the shortest reconciler interval, or at once on a manual
-//! `Reconcile`. Every run is a `tracing` span carrying its reason (`periodic`, `requeue`,
+//! they use, pending worker operations), compares desired and actual state, acts, and sets
+//! when each object wants to be looked at again (per-object backoff timers after failures,
+//! per-worker poll times); objects not due are skipped. The next pass starts after the shortest
+//! reconciler interval (at least [`MIN_PASS_GAP`]), or at once on a manual `Reconcile`. Every run is a `tracing` span carrying its reason (`periodic`, `requeue`,
 //! `leader_elected`, `manual: …`) and is counted in the [`StatusBoard`].
 //!
 //! # Memory

@@ -20,9 +20,7 @@ use ccm_artifacts::{DefaultFetcher, FetcherConfig};
 use ccm_cloud::{SimulatedCloud, SimulatedConfig};
 use ccm_cml::http::{CmlEndpoint, HttpCmlClientFactory};
 use ccm_cml_sim::{CmlSim, SimOptions};
-use ccm_control_plane::config::{
-    ControlPlaneConfig, CoordinationBackend, LogFormat, StoreConfig,
-};
+use ccm_control_plane::config::{ControlPlaneConfig, CoordinationBackend, LogFormat, StoreConfig};
 use ccm_controller::{Controller, ControllerDeps, ControllerSettings};
 use ccm_core::clock::{Clock, SystemClock};
 use ccm_gateway::{Gateway, GatewaySettings};
@@ -78,7 +76,7 @@ pub fn run(args: &DevArgs) -> Result<(), CliError> {
         .enable_all()
         .build()
         .map_err(CliError::Runtime)?;
-    runtime.block_on(dev(args, crate::commands::shutdown_signal()))
+    runtime.block_on(dev(args, super::shutdown_signal()))
 }
 
 fn setup(what: &str, e: impl std::fmt::Display) -> CliError {
@@ -483,9 +481,13 @@ fn print_banner(
         " !! NO AUTHENTICATION: every caller is an admin. Bound to loopback only. !!".to_owned(),
         "=".repeat(78),
         format!("  Web UI         http://{http}/{ui_note}"),
-        format!("  HTTP API       http://{http}/v1/…  (OpenAPI: /openapi.json, browsable: /api/docs)"),
+        format!(
+            "  HTTP API       http://{http}/v1/…  (OpenAPI: /openapi.json, browsable: /api/docs)"
+        ),
         format!("  Live events    http://{http}/v1/events:stream"),
-        format!("  gRPC           control plane {plane}, scheduler {scheduler}, controller {controller}"),
+        format!(
+            "  gRPC           control plane {plane}, scheduler {scheduler}, controller {controller}"
+        ),
         format!("                 (try: grpcurl -plaintext {plane} list)"),
         format!("  CML simulator  {}", sim.base_url()),
         format!("  Data           {}", data_dir.display()),

@@ -20,33 +20,10 @@ pub fn control_plane(args: &ControlPlaneArgs) -> Result<(), CliError> {
         tracing::warn!("{warning}");
     }
     let result = runtime.block_on(async {
-        ccm_control_plane::run::run(&config, shutdown_signal()).await?;
+        ccm_control_plane::run::run(&config, super::shutdown_signal()).await?;
         Ok(())
     });
     // Outside the runtime, before it is dropped: the last spans are exported on its connections.
     drop(telemetry);
     result
-}
-
-/// Completes on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    tracing::info!("shutdown requested");
 }

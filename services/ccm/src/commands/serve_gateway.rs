@@ -26,7 +26,10 @@ pub fn run(args: &GatewayArgs) -> Result<(), CliError> {
             "gateway listening on http://{} (API docs: /api/docs)",
             bound.local_addr()
         );
-        bound.run(shutdown_signal()).await.map_err(gateway_error)
+        bound
+            .run(super::shutdown_signal())
+            .await
+            .map_err(gateway_error)
     })
 }
 
@@ -37,27 +40,4 @@ fn gateway_error(e: ccm_gateway::GatewayError) -> CliError {
     } else {
         CliError::Failed(e.to_string())
     }
-}
-
-/// Completes on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    tracing::info!("shutdown requested");
 }

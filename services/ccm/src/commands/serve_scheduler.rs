@@ -18,7 +18,7 @@ pub fn run(args: &SchedulerArgs) -> Result<(), CliError> {
         .build()
         .map_err(CliError::Runtime)?;
     runtime
-        .block_on(ccm_scheduler::run::run(args, shutdown_signal()))
+        .block_on(ccm_scheduler::run::run(args, super::shutdown_signal()))
         .map_err(scheduler_error)
 }
 
@@ -29,27 +29,4 @@ fn scheduler_error(e: ccm_scheduler::SchedulerError) -> CliError {
     } else {
         CliError::Failed(e.to_string())
     }
-}
-
-/// Completes on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    tracing::info!("shutdown requested");
 }
