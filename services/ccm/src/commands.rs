@@ -44,6 +44,26 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
+/// Runs a long-running service command's future to completion on a new multi-threaded Tokio
+/// runtime.
+pub(crate) fn block_on_service<F: std::future::Future>(fut: F) -> Result<F::Output, CliError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)?;
+    Ok(runtime.block_on(fut))
+}
+
+/// Maps a service's error to the CLI's: configuration mistakes (`is_config`) are usage errors,
+/// everything else a failure.
+pub(crate) fn service_error(is_config: bool, e: impl std::fmt::Display) -> CliError {
+    if is_config {
+        CliError::Usage(e.to_string())
+    } else {
+        CliError::Failed(e.to_string())
+    }
+}
+
 /// Completes on SIGINT (Ctrl-C) or SIGTERM: how every long-running command is stopped.
 pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {

@@ -51,21 +51,28 @@ fn help_lists_every_subcommand() {
 
 #[test]
 fn unbuilt_subcommands_say_so_and_exit_69() {
-    for args in [
-        &["dev"][..],
-        &["serve", "scheduler"],
-        &["serve", "controller"],
-        &["serve", "gateway"],
-        &["simulate", "--trace", "x.jsonl"],
+    let o = ccm(&["simulate", "--trace", "x.jsonl"]);
+    assert_eq!(o.status.code(), Some(69));
+    assert!(stdout(&o).is_empty(), "simulate printed output");
+    assert!(
+        stderr(&o).contains("is not available yet"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn services_refuse_to_start_without_auth_settings() {
+    // Production services never run unauthenticated by accident: without credentials (or an
+    // explicit --insecure-no-auth) they stop at once with a usage error that names the fix.
+    for (args, needle) in [
+        (&["serve", "scheduler"][..], "--insecure-no-auth"),
+        (&["serve", "gateway"], "--oidc-issuer-url"),
+        (&["serve", "controller"], "etcd_endpoints"),
     ] {
         let o = ccm(args);
-        assert_eq!(o.status.code(), Some(69), "{args:?}");
-        assert!(stdout(&o).is_empty(), "{args:?} printed output");
-        assert!(
-            stderr(&o).contains("is not available yet"),
-            "{args:?}: {}",
-            stderr(&o)
-        );
+        assert_eq!(o.status.code(), Some(64), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
     }
 }
 

@@ -523,54 +523,46 @@ impl Controller {
                 }
                 self.memory().last_scale_up.insert(template, snap.now);
             }
-            ScalingAction::RestartStopped => {
+            ScalingAction::RestartStopped
+            | ScalingAction::Drain
+            | ScalingAction::Stop
+            | ScalingAction::ForceStop
+            | ScalingAction::Terminate => {
                 let w = worker.ok_or_else(|| missing(d))?;
-                transition(w, S::Starting, d.code).await?;
-                if let Some(id) = aws(w) {
-                    cloud.start(&id).await?;
+                if d.action == ScalingAction::ForceStop {
+                    for id in &d.instances {
+                        let Some(inst) = snap.instances.iter().find(|i| &i.id == id) else {
+                            continue;
+                        };
+                        self.inner
+                            .plane
+                            .transition_instance(
+                                fence,
+                                pb::TransitionInstanceRequest {
+                                    instance_id: inst.id.clone(),
+                                    from: inst.state,
+                                    to: pb::InstanceState::Terminated as i32,
+                                    reason: ccm_core::instance::REASON_DRAIN_TIMEOUT.to_owned(),
+                                    ..Default::default()
+                                },
+                            )
+                            .await?;
+                    }
                 }
-            }
-            ScalingAction::Drain => {
-                let w = worker.ok_or_else(|| missing(d))?;
-                transition(w, S::Draining, d.code).await?;
-            }
-            ScalingAction::Stop => {
-                let w = worker.ok_or_else(|| missing(d))?;
-                transition(w, S::Stopping, d.code).await?;
+                let to = match d.action {
+                    ScalingAction::RestartStopped => S::Starting,
+                    ScalingAction::Drain => S::Draining,
+                    ScalingAction::Terminate => S::ShuttingDown,
+                    _ => S::Stopping,
+                };
+                transition(w, to, d.code).await?;
                 if let Some(id) = aws(w) {
-                    cloud.stop(&id).await?;
-                }
-            }
-            ScalingAction::ForceStop => {
-                let w = worker.ok_or_else(|| missing(d))?;
-                for id in &d.instances {
-                    let Some(inst) = snap.instances.iter().find(|i| &i.id == id) else {
-                        continue;
-                    };
-                    self.inner
-                        .plane
-                        .transition_instance(
-                            fence,
-                            pb::TransitionInstanceRequest {
-                                instance_id: inst.id.clone(),
-                                from: inst.state,
-                                to: pb::InstanceState::Terminated as i32,
-                                reason: ccm_core::instance::REASON_DRAIN_TIMEOUT.to_owned(),
-                                ..Default::default()
-                            },
-                        )
-                        .await?;
-                }
-                transition(w, S::Stopping, d.code).await?;
-                if let Some(id) = aws(w) {
-                    cloud.stop(&id).await?;
-                }
-            }
-            ScalingAction::Terminate => {
-                let w = worker.ok_or_else(|| missing(d))?;
-                transition(w, S::ShuttingDown, d.code).await?;
-                if let Some(id) = aws(w) {
-                    cloud.terminate(&id).await?;
+                    match d.action {
+                        ScalingAction::RestartStopped => cloud.start(&id).await?,
+                        ScalingAction::Stop | ScalingAction::ForceStop => cloud.stop(&id).await?,
+                        ScalingAction::Terminate => cloud.terminate(&id).await?,
+                        _ => {}
+                    }
                 }
             }
             ScalingAction::Wait => {}

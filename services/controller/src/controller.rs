@@ -406,46 +406,40 @@ impl Controller {
             };
             if scope.workers {
                 let t = Instant::now();
-                let (acted, errors) = self.reconcile_workers(fence, &snapshot, &scope).await?;
-                self.record(
+                let outcome = self.reconcile_workers(fence, &snapshot, &scope).await?;
+                self.tally(
+                    &mut report,
                     status::WORKERS,
                     reason,
                     &scope,
                     t,
-                    acted,
-                    errors,
+                    outcome,
                     snapshot.workers.len(),
                 );
-                report.actions += acted;
-                report.errors += errors;
                 let t = Instant::now();
-                let (acted, errors) = self.reconcile_operations(fence, &snapshot, &scope).await?;
-                self.record(
+                let outcome = self.reconcile_operations(fence, &snapshot, &scope).await?;
+                self.tally(
+                    &mut report,
                     status::OPERATIONS,
                     reason,
                     &scope,
                     t,
-                    acted,
-                    errors,
+                    outcome,
                     snapshot.operations.len(),
                 );
-                report.actions += acted;
-                report.errors += errors;
             }
             if scope.instances {
                 let t = Instant::now();
-                let (acted, errors) = self.reconcile_instances(fence, &snapshot, &scope).await?;
-                self.record(
+                let outcome = self.reconcile_instances(fence, &snapshot, &scope).await?;
+                self.tally(
+                    &mut report,
                     status::INSTANCES,
                     reason,
                     &scope,
                     t,
-                    acted,
-                    errors,
+                    outcome,
                     snapshot.instances.len(),
                 );
-                report.actions += acted;
-                report.errors += errors;
             }
             let summary = crate::autoscaler::fleet_summary(&snapshot, &self.inner.settings.policy);
             if scope.autoscaler && self.inner.settings.autoscaler_enabled {
@@ -489,6 +483,23 @@ impl Controller {
         }
         .instrument(span)
         .await
+    }
+
+    /// Records one reconciler's run (its `(acted, errors)` outcome) and adds it to the pass report.
+    #[allow(clippy::too_many_arguments)]
+    fn tally(
+        &self,
+        report: &mut PassReport,
+        name: &'static str,
+        reason: &str,
+        scope: &Scope,
+        started: Instant,
+        (acted, errors): (usize, usize),
+        depth: usize,
+    ) {
+        self.record(name, reason, scope, started, acted, errors, depth);
+        report.actions += acted;
+        report.errors += errors;
     }
 
     #[allow(clippy::too_many_arguments)]

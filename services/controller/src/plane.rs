@@ -62,26 +62,24 @@ impl Plane {
 
     /// Every worker that is not TERMINATED.
     pub async fn workers(&self) -> Result<Vec<pb::CmlWorker>> {
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let page = self
-                .client
-                .workers()
-                .list_workers(pb::ListWorkersRequest {
-                    page_size: LIST_PAGE_SIZE,
-                    page_token: token,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|s| ControllerError::plane("ListWorkers", s))?
-                .into_inner();
-            out.extend(page.workers);
-            if page.next_page_token.is_empty() {
-                return Ok(out);
+        let client = &self.client;
+        all_pages(|token| {
+            let req = pb::ListWorkersRequest {
+                page_size: LIST_PAGE_SIZE,
+                page_token: token,
+                ..Default::default()
+            };
+            async move {
+                let page = client
+                    .workers()
+                    .list_workers(req)
+                    .await
+                    .map_err(|s| ControllerError::plane("ListWorkers", s))?
+                    .into_inner();
+                Ok((page.workers, page.next_page_token))
             }
-            token = page.next_page_token;
-        }
+        })
+        .await
     }
 
     /// Every instance that is not TERMINATED.
@@ -100,27 +98,25 @@ impl Plane {
         ]
         .map(|s| s as i32)
         .to_vec();
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let page = self
-                .client
-                .instances()
-                .list_instances(pb::ListInstancesRequest {
-                    page_size: LIST_PAGE_SIZE,
-                    page_token: token,
-                    states: states.clone(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|s| ControllerError::plane("ListInstances", s))?
-                .into_inner();
-            out.extend(page.instances);
-            if page.next_page_token.is_empty() {
-                return Ok(out);
+        let client = &self.client;
+        all_pages(|token| {
+            let req = pb::ListInstancesRequest {
+                page_size: LIST_PAGE_SIZE,
+                page_token: token,
+                states: states.clone(),
+                ..Default::default()
+            };
+            async move {
+                let page = client
+                    .instances()
+                    .list_instances(req)
+                    .await
+                    .map_err(|s| ControllerError::plane("ListInstances", s))?
+                    .into_inner();
+                Ok((page.instances, page.next_page_token))
             }
-            token = page.next_page_token;
-        }
+        })
+        .await
     }
 
     /// One instance.
@@ -134,31 +130,29 @@ impl Plane {
             .map_err(|s| ControllerError::plane("GetInstance", s))?
             .into_inner()
             .instance
-            .ok_or_else(|| ControllerError::Domain(format!("instance {id} came back empty")))
+            .present(|| format!("instance {id}"))
     }
 
     /// Every worker template.
     pub async fn templates(&self) -> Result<Vec<pb::WorkerTemplate>> {
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let page = self
-                .client
-                .templates()
-                .list_templates(pb::ListTemplatesRequest {
-                    page_size: TEMPLATE_PAGE_SIZE,
-                    page_token: token,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|s| ControllerError::plane("ListTemplates", s))?
-                .into_inner();
-            out.extend(page.templates);
-            if page.next_page_token.is_empty() {
-                return Ok(out);
+        let client = &self.client;
+        all_pages(|token| {
+            let req = pb::ListTemplatesRequest {
+                page_size: TEMPLATE_PAGE_SIZE,
+                page_token: token,
+                ..Default::default()
+            };
+            async move {
+                let page = client
+                    .templates()
+                    .list_templates(req)
+                    .await
+                    .map_err(|s| ControllerError::plane("ListTemplates", s))?
+                    .into_inner();
+                Ok((page.templates, page.next_page_token))
             }
-            token = page.next_page_token;
-        }
+        })
+        .await
     }
 
     /// One definition version, with its cached lab YAML (cached here: versions are immutable).
@@ -179,9 +173,7 @@ impl Plane {
             .map_err(|s| ControllerError::plane("GetDefinition", s))?
             .into_inner()
             .definition
-            .ok_or_else(|| {
-                ControllerError::Domain(format!("definition {id}@{version} came back empty"))
-            })?;
+            .present(|| format!("definition {id}@{version}"))?;
         let def = Arc::new(def);
         let mut cache = self.cache();
         if cache.len() >= DEFINITION_CACHE_CAPACITY {
@@ -199,27 +191,25 @@ impl Plane {
 
     /// Worker operations waiting for the controller (PENDING), every worker.
     pub async fn pending_operations(&self) -> Result<Vec<pb::WorkerOperation>> {
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let page = self
-                .client
-                .workers()
-                .list_worker_operations(pb::ListWorkerOperationsRequest {
-                    worker_id: "-".into(),
-                    page_size: OPERATION_PAGE_SIZE,
-                    page_token: token,
-                    statuses: vec![pb::OperationStatus::Pending as i32],
-                })
-                .await
-                .map_err(|s| ControllerError::plane("ListWorkerOperations", s))?
-                .into_inner();
-            out.extend(page.operations);
-            if page.next_page_token.is_empty() {
-                return Ok(out);
+        let client = &self.client;
+        all_pages(|token| {
+            let req = pb::ListWorkerOperationsRequest {
+                worker_id: "-".into(),
+                page_size: OPERATION_PAGE_SIZE,
+                page_token: token,
+                statuses: vec![pb::OperationStatus::Pending as i32],
+            };
+            async move {
+                let page = client
+                    .workers()
+                    .list_worker_operations(req)
+                    .await
+                    .map_err(|s| ControllerError::plane("ListWorkerOperations", s))?
+                    .into_inner();
+                Ok((page.operations, page.next_page_token))
             }
-            token = page.next_page_token;
-        }
+        })
+        .await
     }
 
     /// InternalService.TransitionInstance.
@@ -237,7 +227,7 @@ impl Plane {
             .map_err(|s| ControllerError::plane("TransitionInstance", s))?
             .into_inner()
             .instance
-            .ok_or_else(|| ControllerError::Domain(format!("instance {id} came back empty")))
+            .present(|| format!("instance {id}"))
     }
 
     /// InternalService.ReportWorker.
@@ -259,7 +249,7 @@ impl Plane {
             .map_err(|s| ControllerError::plane("ReportWorker", s))?
             .into_inner()
             .worker
-            .ok_or_else(|| ControllerError::Domain(format!("worker {worker_id} came back empty")))
+            .present(|| format!("worker {worker_id}"))
     }
 
     /// InternalService.TransitionWorker.
@@ -277,7 +267,7 @@ impl Plane {
             .map_err(|s| ControllerError::plane("TransitionWorker", s))?
             .into_inner()
             .worker
-            .ok_or_else(|| ControllerError::Domain(format!("worker {id} came back empty")))
+            .present(|| format!("worker {id}"))
     }
 
     /// InternalService.CreateWorkerRecord.
@@ -294,7 +284,7 @@ impl Plane {
             .map_err(|s| ControllerError::plane("CreateWorkerRecord", s))?
             .into_inner()
             .worker
-            .ok_or_else(|| ControllerError::Domain("created worker came back empty".into()))
+            .present(|| "created worker".to_owned())
     }
 
     /// InternalService.RecordScalingDecision.
@@ -315,7 +305,7 @@ impl Plane {
             .map_err(|s| ControllerError::plane("RecordScalingDecision", s))?
             .into_inner()
             .decision
-            .ok_or_else(|| ControllerError::Domain("recorded decision came back empty".into()))
+            .present(|| "recorded decision".to_owned())
     }
 
     /// InternalService.ClaimWorkerOperation.
@@ -373,5 +363,36 @@ impl Plane {
             .list_scaling_decision_history(req)
             .await?
             .into_inner())
+    }
+}
+
+/// Reads every page of a paged list: `fetch` gets a page token and returns that page's items and
+/// the next page token (empty on the last page).
+async fn all_pages<T, F, Fut>(mut fetch: F) -> Result<Vec<T>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String)>>,
+{
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = fetch(token).await?;
+        out.extend(items);
+        if next.is_empty() {
+            return Ok(out);
+        }
+        token = next;
+    }
+}
+
+/// A resource a response must carry.
+trait Present<T> {
+    /// The resource, or [`ControllerError::Domain`] "`what` came back empty".
+    fn present(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> Present<T> for Option<T> {
+    fn present(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.ok_or_else(|| ControllerError::Domain(format!("{} came back empty", what())))
     }
 }

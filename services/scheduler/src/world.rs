@@ -72,6 +72,36 @@ fn plane_err(call: &'static str) -> impl Fn(tonic::Status) -> SchedulerError {
     move |s| SchedulerError::plane(call, s)
 }
 
+/// [`Applied::Changed`] when a removal took something out, [`Applied::Nothing`] otherwise.
+fn removed<T>(taken: Option<T>) -> Applied {
+    match taken {
+        Some(_) => Applied::Changed,
+        None => Applied::Nothing,
+    }
+}
+
+/// Inserts or replaces `item` under `id` unless `map` holds a newer version (per `version_of`);
+/// a `terminated` item is removed instead.
+fn upsert<T>(
+    map: &mut HashMap<String, T>,
+    id: String,
+    version: i64,
+    terminated: bool,
+    item: T,
+    version_of: impl Fn(&T) -> i64,
+) -> Applied {
+    if let Some(old) = map.get(&id)
+        && version_of(old) > version
+    {
+        return Applied::Nothing;
+    }
+    if terminated {
+        return removed(map.remove(&id));
+    }
+    map.insert(id, item);
+    Applied::Changed
+}
+
 impl World {
     /// Reads everything from the control plane: templates, workers, the instances that are not
     /// TERMINATED and the definition versions they name.
@@ -191,37 +221,21 @@ impl World {
     /// Inserts or replaces a worker unless the view holds a newer version; TERMINATED workers
     /// are removed.
     pub fn upsert_worker(&mut self, w: pb::CmlWorker) -> Applied {
-        if let Some(old) = self.workers.get(&w.id)
-            && old.resource_version > w.resource_version
-        {
-            return Applied::Nothing;
-        }
-        if w.state() == pb::WorkerState::Terminated {
-            return match self.workers.remove(&w.id) {
-                Some(_) => Applied::Changed,
-                None => Applied::Nothing,
-            };
-        }
-        self.workers.insert(w.id.clone(), w);
-        Applied::Changed
+        let (id, version) = (w.id.clone(), w.resource_version);
+        let terminated = w.state() == pb::WorkerState::Terminated;
+        upsert(&mut self.workers, id, version, terminated, w, |old| {
+            old.resource_version
+        })
     }
 
     /// Inserts or replaces an instance unless the view holds a newer version; TERMINATED
     /// instances are removed (their capacity and ports are free).
     pub fn upsert_instance(&mut self, i: pb::LabletInstance) -> Applied {
-        if let Some(old) = self.instances.get(&i.id)
-            && old.resource_version > i.resource_version
-        {
-            return Applied::Nothing;
-        }
-        if i.state() == pb::InstanceState::Terminated {
-            return match self.instances.remove(&i.id) {
-                Some(_) => Applied::Changed,
-                None => Applied::Nothing,
-            };
-        }
-        self.instances.insert(i.id.clone(), i);
-        Applied::Changed
+        let (id, version) = (i.id.clone(), i.resource_version);
+        let terminated = i.state() == pb::InstanceState::Terminated;
+        upsert(&mut self.instances, id, version, terminated, i, |old| {
+            old.resource_version
+        })
     }
 
     /// Applies one change of the feed.
@@ -230,15 +244,9 @@ impl World {
         let deleted = change.r#type == pb::ChangeType::Deleted as i32;
         use pb::change_event::Resource;
         match change.resource {
-            Some(Resource::Instance(i)) if deleted => match self.instances.remove(&i.id) {
-                Some(_) => Applied::Changed,
-                None => Applied::Nothing,
-            },
+            Some(Resource::Instance(i)) if deleted => removed(self.instances.remove(&i.id)),
             Some(Resource::Instance(i)) => self.upsert_instance(i),
-            Some(Resource::Worker(w)) if deleted => match self.workers.remove(&w.id) {
-                Some(_) => Applied::Changed,
-                None => Applied::Nothing,
-            },
+            Some(Resource::Worker(w)) if deleted => removed(self.workers.remove(&w.id)),
             Some(Resource::Worker(w)) => self.upsert_worker(w),
             Some(Resource::Template(t)) if deleted => {
                 self.template_types.remove(&t.name);

@@ -7,27 +7,13 @@
 //! calls.
 
 use ccm_control_plane::config::LogFormat;
-use ccm_controller::{ControllerArgs, ControllerError};
+use ccm_controller::ControllerArgs;
 
 use crate::error::CliError;
 
 /// Runs the controller until interrupted.
 pub fn run(args: &ControllerArgs) -> Result<(), CliError> {
     crate::logging::init(&LogFormat::Text);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(CliError::Runtime)?;
-    runtime
-        .block_on(ccm_controller::run::run(args, super::shutdown_signal()))
-        .map_err(controller_error)
-}
-
-/// Maps a controller error to the CLI's: configuration mistakes are usage errors.
-fn controller_error(e: ControllerError) -> CliError {
-    if e.is_config() {
-        CliError::Usage(e.to_string())
-    } else {
-        CliError::Failed(e.to_string())
-    }
+    super::block_on_service(ccm_controller::run::run(args, super::shutdown_signal()))?
+        .map_err(|e| super::service_error(e.is_config(), e))
 }

@@ -16,11 +16,7 @@ pub fn run(args: &GatewayArgs) -> Result<(), CliError> {
              services without a token"
         );
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(CliError::Runtime)?;
-    runtime.block_on(async {
+    super::block_on_service(async {
         let bound = Gateway::bind(settings).await.map_err(gateway_error)?;
         tracing::info!(
             "gateway listening on http://{} (API docs: /api/docs)",
@@ -30,14 +26,10 @@ pub fn run(args: &GatewayArgs) -> Result<(), CliError> {
             .run(super::shutdown_signal())
             .await
             .map_err(gateway_error)
-    })
+    })?
 }
 
 /// Maps a gateway error to the CLI's: configuration mistakes are usage errors.
 fn gateway_error(e: ccm_gateway::GatewayError) -> CliError {
-    if e.is_config() {
-        CliError::Usage(e.to_string())
-    } else {
-        CliError::Failed(e.to_string())
-    }
+    super::service_error(e.is_config(), e)
 }

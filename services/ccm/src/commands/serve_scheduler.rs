@@ -13,20 +13,6 @@ use crate::error::CliError;
 /// Runs the scheduler until interrupted.
 pub fn run(args: &SchedulerArgs) -> Result<(), CliError> {
     crate::logging::init(&LogFormat::Text);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(CliError::Runtime)?;
-    runtime
-        .block_on(ccm_scheduler::run::run(args, super::shutdown_signal()))
-        .map_err(scheduler_error)
-}
-
-/// Maps a scheduler error to the CLI's: configuration mistakes are usage errors.
-fn scheduler_error(e: ccm_scheduler::SchedulerError) -> CliError {
-    if e.is_config() {
-        CliError::Usage(e.to_string())
-    } else {
-        CliError::Failed(e.to_string())
-    }
+    super::block_on_service(ccm_scheduler::run::run(args, super::shutdown_signal()))?
+        .map_err(|e| super::service_error(e.is_config(), e))
 }
