@@ -1222,6 +1222,23 @@ impl Workers {
         }))
     }
 
+    /// The common start of every worker action (start, stop, drain, cancel drain, terminate):
+    /// checks the id, the reason and the expected version together (one BadRequest with every
+    /// violation), then reads the worker at that version.
+    async fn checked_action_target(
+        &self,
+        id: &str,
+        reason: &str,
+        rv: i64,
+    ) -> Result<pb::CmlWorker, ApiError> {
+        let mut v = Violations::new();
+        check_worker_id(&mut v, id);
+        validate::reason(&mut v, "reason", reason);
+        check_rv(&mut v, rv);
+        v.into_result()?;
+        self.read_for_action(id, rv).await
+    }
+
     /// Reads a worker for an action: validated id, existing, expected version.
     async fn read_for_action(&self, id: &str, rv: i64) -> Result<pb::CmlWorker, ApiError> {
         let worker: pb::CmlWorker = self.app.get(id).await?;
@@ -1243,13 +1260,8 @@ impl Workers {
         let req = request.into_inner();
         let span = tracing::Span::current();
         span.record("worker_id", req.worker_id.as_str());
-        let mut v = Violations::new();
-        check_worker_id(&mut v, &req.worker_id);
-        validate::reason(&mut v, "reason", &req.reason);
-        check_rv(&mut v, req.resource_version);
-        v.into_result()?;
         let mut worker = self
-            .read_for_action(&req.worker_id, req.resource_version)
+            .checked_action_target(&req.worker_id, &req.reason, req.resource_version)
             .await?;
         let state = worker.state();
         if matches!(
@@ -1328,13 +1340,8 @@ impl Workers {
         let req = request.into_inner();
         let span = tracing::Span::current();
         span.record("worker_id", req.worker_id.as_str());
-        let mut v = Violations::new();
-        check_worker_id(&mut v, &req.worker_id);
-        validate::reason(&mut v, "reason", &req.reason);
-        check_rv(&mut v, req.resource_version);
-        v.into_result()?;
         let mut worker = self
-            .read_for_action(&req.worker_id, req.resource_version)
+            .checked_action_target(&req.worker_id, &req.reason, req.resource_version)
             .await?;
         let state = worker.state();
         if matches!(
@@ -1566,13 +1573,8 @@ impl Workers {
         let req = request.into_inner();
         let span = tracing::Span::current();
         span.record("worker_id", req.worker_id.as_str());
-        let mut v = Violations::new();
-        check_worker_id(&mut v, &req.worker_id);
-        validate::reason(&mut v, "reason", &req.reason);
-        check_rv(&mut v, req.resource_version);
-        v.into_result()?;
         let mut worker = self
-            .read_for_action(&req.worker_id, req.resource_version)
+            .checked_action_target(&req.worker_id, &req.reason, req.resource_version)
             .await?;
         let now = self.app.now();
         let mut core = worker_to_core(&worker)?;
@@ -1634,13 +1636,8 @@ impl Workers {
         let req = request.into_inner();
         let span = tracing::Span::current();
         span.record("worker_id", req.worker_id.as_str());
-        let mut v = Violations::new();
-        check_worker_id(&mut v, &req.worker_id);
-        validate::reason(&mut v, "reason", &req.reason);
-        check_rv(&mut v, req.resource_version);
-        v.into_result()?;
         let mut worker = self
-            .read_for_action(&req.worker_id, req.resource_version)
+            .checked_action_target(&req.worker_id, &req.reason, req.resource_version)
             .await?;
         let held = self.held(Some(&worker.id)).await?;
         let mine = held.get(&worker.id).map(Vec::as_slice).unwrap_or_default();
